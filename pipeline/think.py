@@ -101,6 +101,8 @@ def join_reasoning(reasoning: str | None, content: str | None) -> str:
         return content
     if THINK_CLOSE in content:  # the server split and still left tags: trust the content
         return content
+    if not content.strip():  # reasoning but no answer: the think section never ended
+        return f"{THINK_OPEN}\n{reasoning.strip()}"
     return format_answer(reasoning.strip(), content.strip())
 
 
@@ -110,3 +112,195 @@ def is_canonical(text: str) -> bool:
     if not (parts.closed and parts.reasoning and parts.answer) or parts.anomalies:
         return False
     return text == format_answer(parts.reasoning, parts.answer)
+
+
+def _open_prefix_len(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``.
+
+    Tags have one ``<``, at their start, so only the last ``<`` of ``text`` can begin one.
+    """
+    at = text.rfind("<", max(len(text) - len(tag) + 1, 0))
+    if at < 0 or not tag.startswith(text[at:]):
+        return 0
+    return len(text) - at
+
+
+class _TagCounter:
+    """Counts occurrences of ``tag`` in a text fed in pieces (keeps only a tag-sized tail)."""
+
+    __slots__ = ("count", "tag", "tail")
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.tail = ""
+        self.count = 0
+
+    def feed(self, piece: str) -> None:
+        window = self.tail + piece
+        self.count += window.count(self.tag)
+        self.tail = window[-(len(self.tag) - 1) :]
+
+
+class _Section:
+    """One stripped section (reasoning or answer) emitted as the text arrives.
+
+    Emits ``text.strip()`` piece by piece: drops leading whitespace and holds back a trailing
+    whitespace run until more non-whitespace text shows it is not the end.
+    """
+
+    __slots__ = ("held_ws", "started")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.held_ws: list[str] = []
+
+    def feed(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            if not piece:
+                return ""
+            self.started = True
+        body = piece.rstrip()
+        if not body:
+            self.held_ws.append(piece)
+            return ""
+        out = "".join(self.held_ws) + body if self.held_ws else body
+        trailing = piece[len(body) :]
+        self.held_ws = [trailing] if trailing else []
+        return out
+
+
+class ThinkStreamSplitter:
+    """Split a streamed response into reasoning and answer deltas as the chunks arrive.
+
+    For any way of cutting a text into chunks, the reasoning deltas joined and the answer
+    deltas joined equal ``split_think(text, started_in_think=...)``'s ``reasoning`` and
+    ``answer``, and :meth:`result` equals the whole :class:`ThinkSplit`. Work per chunk is
+    proportional to the chunk: only a tag-prefix-sized tail (plus trailing whitespace) is held
+    back. One exception is forced by the format: a response that neither starts with
+    ``<think>`` nor started in think (``started_in_think=False``) is reasoning only if a
+    ``</think>`` follows, so its text is held until that tag or the end of the stream.
+    """
+
+    _START, _REASONING, _UNDECIDED, _ANSWER = range(4)
+
+    def __init__(self, *, started_in_think: bool = False) -> None:
+        self.started_in_think = started_in_think
+        self.opens = 0
+        self.closed = False
+        self._state = self._START
+        self._head = ""  # START: a partial "<think>" held back
+        self._partial = ""  # REASONING/UNDECIDED: a partial "</think>" held back
+        self._reasoning = _Section()
+        self._answer = _Section()
+        self._stray = _TagCounter(THINK_OPEN)
+        self._close_in_answer = _TagCounter(THINK_CLOSE)
+        self._undecided_raw: list[str] = []
+        self._undecided_out: list[str] = []
+
+    @property
+    def opened(self) -> bool:
+        """True when the response opened a think section (or started in one)."""
+        return self.opens > 0 or self.started_in_think
+
+    def feed(self, chunk: str) -> tuple[str, str]:
+        """Take the next piece of text; return the (reasoning, answer) text it releases."""
+        if self._state == self._START:
+            return self._feed_start(chunk)
+        if self._state == self._ANSWER:
+            return "", self._feed_answer(chunk)
+        return self._feed_think(chunk)
+
+    def finish(self) -> tuple[str, str]:
+        """The stream ended: release what was held back."""
+        reasoning = answer = ""
+        if self._state == self._START:
+            text, self._head = self._head, ""
+            self._leave_start()
+            if text:
+                reasoning, answer = self._feed_think(text)
+        if self._state == self._ANSWER:
+            return reasoning, answer
+        partial, self._partial = self._partial, ""
+        if self._state == self._REASONING:
+            self._stray.feed(partial)
+            return reasoning + self._reasoning.feed(partial), answer
+        # UNDECIDED and never closed: everything was the answer after all.
+        self._undecided_raw.append(partial)
+        self._state = self._ANSWER
+        return "", self._answer.feed("".join(self._undecided_raw))
+
+    def result(self) -> ThinkSplit:
+        """The flags of the whole response so far, as :func:`split_think` reports them
+        (``reasoning``/``answer`` are left empty: the caller has the deltas)."""
+        has_reasoning = self.opened or self.closed
+        return ThinkSplit(
+            reasoning="" if has_reasoning else None,
+            answer="",
+            opened=self.opened,
+            closed=self.closed,
+            stray_open=max(self.opens - 1, 0) + self._stray.count if has_reasoning else 0,
+        )
+
+    @property
+    def anomalies(self) -> list[str]:
+        """Format problems seen so far (``unclosed`` only makes sense after :meth:`finish`)."""
+        out = []
+        if (self.opened or self.closed) and not self.closed:
+            out.append("unclosed")
+        if self.result().stray_open or (self.closed and self._close_in_answer.count):
+            out.append("stray_tag")
+        return out
+
+    def _leave_start(self) -> None:
+        self._state = self._REASONING if self.opened else self._UNDECIDED
+
+    def _feed_start(self, chunk: str) -> tuple[str, str]:
+        text = self._head + chunk
+        while True:
+            text = text.lstrip()
+            if text.startswith(THINK_OPEN):
+                self.opens += 1
+                text = text[len(THINK_OPEN) :]
+                continue
+            if THINK_OPEN.startswith(text):  # empty or a partial opening tag
+                self._head = text
+                return "", ""
+            self._head = ""
+            self._leave_start()
+            return self._feed_think(text)
+
+    def _feed_think(self, chunk: str) -> tuple[str, str]:
+        text = self._partial + chunk
+        cut = text.find(THINK_CLOSE)
+        if cut < 0:
+            keep = _open_prefix_len(text, THINK_CLOSE)
+            self._partial = text[len(text) - keep :] if keep else ""
+            confirmed = text[: len(text) - keep] if keep else text
+            answer = ""
+        else:
+            self._partial = ""
+            confirmed = text[:cut]
+            rest = text[cut + len(THINK_CLOSE) :]
+        if self._state == self._UNDECIDED:
+            self._undecided_raw.append(confirmed)
+            self._stray.feed(confirmed)
+            self._undecided_out.append(self._reasoning.feed(confirmed))
+            if cut < 0:
+                return "", ""
+            reasoning = "".join(self._undecided_out)
+            self._undecided_raw.clear()
+            self._undecided_out.clear()
+        else:
+            self._stray.feed(confirmed)
+            reasoning = self._reasoning.feed(confirmed)
+            if cut < 0:
+                return reasoning, ""
+        self.closed = True
+        self._state = self._ANSWER
+        answer = self._feed_answer(rest)
+        return reasoning, answer
+
+    def _feed_answer(self, chunk: str) -> str:
+        self._close_in_answer.feed(chunk)
+        return self._answer.feed(chunk)

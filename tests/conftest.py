@@ -13,9 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NEWS_TASK = ROOT / "configs" / "tasks" / "news.yaml"
 HEADLINES = ROOT / "data" / "news" / "headlines.jsonl"
 
-pytest_plugins = sorted(
-    f"tests.{p.stem}" for p in Path(__file__).parent.glob("fixtures_*.py")
-)
+pytest_plugins = sorted(f"tests.{p.stem}" for p in Path(__file__).parent.glob("fixtures_*.py"))
 
 
 def free_port() -> int:

@@ -38,11 +38,17 @@ def test_join_reasoning_rebuilds_split_responses():
     assert join_reasoning("想想", "体育") == format_answer("想想", "体育")
     assert join_reasoning(None, "<think>x</think>y") == "<think>x</think>y"
     assert join_reasoning("", "体育") == "体育"
+    cut = split_think(join_reasoning("想到一半", ""))  # cut by max_tokens inside the reasoning
+    assert (cut.reasoning, cut.answer, cut.closed) == ("想到一半", "", False)
 
 
-text_part = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="<>"), min_size=1
-).map(str.strip).filter(bool)
+text_part = (
+    st.text(
+        alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="<>"), min_size=1
+    )
+    .map(str.strip)
+    .filter(bool)
+)
 
 
 @given(reasoning=text_part, answer=text_part)
