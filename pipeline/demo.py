@@ -1,0 +1,307 @@
+"""``distill demo``: the whole pipeline offline on CPU, through the same commands users run.
+
+stand-in teacher → ``generate`` → ``tiny-model`` → ``train`` → ``merge`` → vLLM (CPU) serving the
+student and the untrained base → ``eval`` (base, student and the stand-in teacher itself) → the
+table. Each stage is a ``python -m pipeline <cmd>`` subprocess; a stage whose output already
+exists is skipped (and so is everything after it, unless an earlier stage re-ran), ``--force``
+redoes all. Servers are always stopped on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.serve import ServeError, VLLMServer, launch_vllm, stop_process, wait_healthy
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER_MODEL = "deepseek-r1-standin"
+# Targets from the issue: what the demo should show on a 2-core CPU machine.
+TARGETS = {"student": {"format_rate": 0.98, "accuracy": 0.6}}
+
+
+class DemoError(RuntimeError):
+    """A demo stage failed; the message says which and where its log is."""
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where each stage of the demo writes, under ``--out``."""
+
+    out: Path
+
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def base(self) -> Path:
+        return self.out / "base"
+
+    @property
+    def adapter(self) -> Path:
+        return self.out / "adapter"
+
+    @property
+    def student(self) -> Path:
+        return self.out / "student"
+
+    @property
+    def eval(self) -> Path:
+        return self.out / "eval"
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+
+def _say(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(msg)
+
+
+def run_stage(name: str, argv: list[str]) -> float:
+    """Run ``python -m pipeline <argv>`` in the foreground (its progress shows); return seconds."""
+    cmd = [sys.executable, "-m", "pipeline", *argv]
+    _say(f"\n[bold cyan]▶ {name}[/]: distill {' '.join(argv)}")
+    start = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT, check=False)
+    if done.returncode != 0:
+        raise DemoError(f"stage '{name}' failed (exit {done.returncode}): distill {' '.join(argv)}")
+    took = time.monotonic() - start
+    _say(f"[green]✓ {name}[/] in {took:.0f} s")
+    return took
+
+
+class Services:
+    """The demo's background servers; all stopped by :meth:`close`."""
+
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self._teacher: tuple[subprocess.Popen, str] | None = None
+        self._vllm: dict[str, VLLMServer] = {}
+
+    def teacher(self) -> str:
+        """Base URL of the stand-in teacher (started on first use)."""
+        if self._teacher is None:
+            port = free_port()
+            log = self.paths.logs / "teacher.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "pipeline", "teacher-standin", "--port", str(port),
+                     "--model", TEACHER_MODEL,
+                     "--request-log", str(self.paths.logs / "teacher-requests.jsonl")],
+                    cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                )  # fmt: skip
+            self._teacher = (proc, f"http://127.0.0.1:{port}/v1")
+            wait_healthy(f"http://127.0.0.1:{port}/health", proc, 60, log)
+            _say(f"stand-in teacher on {self._teacher[1]} (log {log})")
+        return self._teacher[1]
+
+    def launch(self, name: str, model: Path) -> None:
+        """Start serving ``model`` as ``name`` in the background (no wait; idempotent)."""
+        if name in self._vllm:
+            return
+        self._vllm[name] = launch_vllm(
+            model,
+            served_model_name=name,
+            port=free_port(),
+            extra=["--enforce-eager"],  # a tiny model: skipping torch.compile saves ~1 min
+            log_path=self.paths.logs / f"vllm-{name}.log",
+        )
+        _say(f"starting vLLM for {name} (log {self.paths.logs / f'vllm-{name}.log'})")
+
+    def vllm(self, models: dict[str, Path]) -> dict[str, str]:
+        """Serve each ``name -> model dir`` (started here or earlier); return ``name -> URL``."""
+        start = time.monotonic()
+        for name, model in models.items():
+            self.launch(name, model)
+        for name in models:
+            self._vllm[name].wait_ready(900)
+        _say(f"[green]✓ vLLM ready[/] ({', '.join(models)}) after {time.monotonic() - start:.0f} s")
+        return {name: self._vllm[name].base_url for name in models}
+
+    def stop_vllm(self) -> None:
+        while self._vllm:
+            self._vllm.popitem()[1].stop()
+
+    def close(self) -> None:
+        self.stop_vllm()
+        if self._teacher is not None:
+            stop_process(self._teacher[0], 10)
+            self._teacher = None
+
+
+@contextlib.contextmanager
+def services(paths: Paths) -> Iterator[Services]:
+    """Background servers that are stopped on any exit, SIGTERM included."""
+    svc = Services(paths)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield svc
+    finally:
+        svc.close()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def answer_token_budget(data: Path, base: Path) -> int:
+    """``max_tokens`` for eval: 1.5x the longest training answer in the base's tokens (+16)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+    rows = json.loads((data / "train.json").read_text(encoding="utf-8"))
+    longest = max(len(tok.encode(row["output"], add_special_tokens=False).ids) for row in rows)
+    return math.ceil(1.5 * longest) + 16
+
+
+def has_teacher_labels(test_json: Path) -> bool:
+    """Whether generate recorded the teacher's label on the held-out rows (then eval reports
+    the teacher from them; otherwise the demo asks the stand-in live as endpoint ``teacher``)."""
+    rows = json.loads(test_json.read_text(encoding="utf-8"))
+    return any("teacher_label" in row for row in rows)
+
+
+def print_summary(
+    summary_path: Path, paths: Paths, times: dict[str, float], *, table: bool = True
+) -> None:
+    """The result table (unless eval just printed it), the targets, and where to look."""
+    from rich.console import Console
+
+    from pipeline.evaluate import print_table
+
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    if table:
+        print_table(summary)
+    console = Console()
+    for name, goals in TARGETS.items():
+        for metric, goal in goals.items():
+            got = summary.get(name, {}).get(metric)
+            ok = got is not None and got >= goal
+            mark = "[green]✓[/]" if ok else "[red]✗[/]"
+            console.print(
+                f"{mark} {name} {metric} {got if got is None else f'{got:.3f}'} (goal ≥ {goal})"
+            )
+    if times:
+        console.print("stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    console.print(f"report: {paths.eval / 'report.md'}")
+    console.print(f"confusion matrices: {paths.eval}/confusion_<name>.png")
+    console.print(f"predictions: {paths.eval}/predictions_<name>.jsonl; logs: {paths.logs}")
+
+
+def run_demo(
+    out: Path,
+    *,
+    force: bool = False,
+    task: Path,
+    input_path: Path,
+    train_config: Path,
+) -> None:
+    """Run every stage that is missing (or all with ``force``) and print the result."""
+    paths = Paths(out.resolve())
+    paths.out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    started = time.monotonic()
+    redo = force
+
+    def needed(name: str, marker: Path, outdir: Path) -> bool:
+        nonlocal redo
+        if marker.exists() and not redo:
+            _say(f"[dim]• {name}: {marker} exists, skipped[/]")
+            return False
+        if outdir.exists() and (redo or not marker.exists()):
+            shutil.rmtree(outdir)  # a stale or half-written output is redone from scratch
+        redo = True  # everything downstream is redone too
+        return True
+
+    with services(paths) as svc:
+        if needed("generate", paths.data / "stats.json", paths.data):
+            times["generate"] = run_stage(
+                "generate",
+                ["generate", "--task", str(task), "--input", str(input_path),
+                 "--out", str(paths.data), "--teacher-url", svc.teacher(),
+                 "--teacher-model", TEACHER_MODEL, "--require-gold-match"],
+            )  # fmt: skip
+        if needed("tiny-model", paths.base / "config.json", paths.base):
+            times["tiny-model"] = run_stage(
+                "tiny-model",
+                ["tiny-model", "--task", str(task), "--out", str(paths.base),
+                 "--corpus", str(input_path), "--corpus", str(paths.data / "train.json")],
+            )  # fmt: skip
+        if needed("train", paths.adapter / "adapter_config.json", paths.adapter):
+            # The base's vLLM starts up (~1 min, mostly imports) while the student trains.
+            svc.launch("base", paths.base)
+            times["train"] = run_stage(
+                "train",
+                ["train", "--config", str(train_config), "--data", str(paths.data),
+                 "--out", str(paths.adapter), "--base", str(paths.base)],
+            )  # fmt: skip
+        if needed("merge", paths.student / "distill_manifest.json", paths.student):
+            times["merge"] = run_stage(
+                "merge",
+                ["merge", "--base", str(paths.base), "--adapter", str(paths.adapter),
+                 "--out", str(paths.student)],
+            )  # fmt: skip
+        if needed("eval", paths.eval / "summary.json", paths.eval):
+            t0 = time.monotonic()
+            urls = svc.vllm({"base": paths.base, "student": paths.student})
+            models = {"base": "base", "student": "student"}
+            if not has_teacher_labels(paths.data / "test.json"):
+                urls["teacher"], models["teacher"] = svc.teacher(), TEACHER_MODEL
+            times["serve"] = time.monotonic() - t0
+            budget = answer_token_budget(paths.data, paths.base)
+            argv = ["eval", "--data", str(paths.data / "test.json"), "--out", str(paths.eval)]
+            argv += ["--task", str(task), "--max-tokens", str(budget), "--concurrency", "16"]
+            for name, url in urls.items():
+                argv += ["--endpoint", f"{name}={url}@{models[name]}"]
+            times["eval"] = run_stage("eval", argv)
+    if times:
+        times["total"] = time.monotonic() - started
+    print_summary(paths.eval / "summary.json", paths, times, table="eval" not in times)
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="where every stage writes")] = Path("runs/demo"),
+    force: Annotated[bool, typer.Option(help="redo every stage even if its output exists")] = False,
+    task: Annotated[Path, typer.Option(help="task YAML")] = ROOT / "configs/tasks/news.yaml",
+    input: Annotated[Path, typer.Option(help="headlines to distil")] = ROOT
+    / "data/news/headlines.jsonl",
+    train_config: Annotated[Path, typer.Option(help="training config")] = ROOT
+    / "configs/train/tiny-cpu.yaml",
+) -> None:
+    """Run the whole pipeline offline on CPU: teacher → data → train → merge → serve → eval."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        run_demo(out, force=force, task=task, input_path=input, train_config=train_config)
+    except (DemoError, ServeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; servers stopped", err=True)
+        raise typer.Exit(130) from None
