@@ -1,0 +1,75 @@
+"""Gateway settings: environment variables prefixed ``GATEWAY_`` (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ThinkMode = Literal["separate", "hide", "inline"]
+THINK_MODES: tuple[str, ...] = ("separate", "hide", "inline")
+ReasoningField = Literal["reasoning_content", "reasoning", "both"]
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Everything the gateway can be told; ``GATEWAY_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    upstreams: CommaList = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000/v1"],
+        description="Comma-separated OpenAI base URLs of the vLLM servers (…/v1).",
+    )
+    think: ThinkMode = "separate"
+    reasoning_field: ReasoningField = "reasoning_content"
+    api_keys: CommaList = Field(default_factory=list, description="Accepted bearer keys.")
+    api_keys_file: Path | None = Field(
+        None, description="File with one key a line: `KEY [rpm=N] [concurrency=N]`, # comments."
+    )
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=1, le=65535)
+
+    started_in_think: bool = Field(
+        False,
+        description="The chat template opens <think> in the prompt: text starts as reasoning.",
+    )
+    strip_history: bool = Field(True, description="Drop reasoning from earlier assistant turns.")
+    models: CommaList = Field(
+        default_factory=list, description="Model names used as metric labels (others: `other`)."
+    )
+    upstream_api_key: SecretStr | None = None
+
+    rate_limit_rpm: int | None = Field(None, ge=1, description="Requests per minute per key.")
+    max_concurrent_per_key: int | None = Field(None, ge=1)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+
+    connect_timeout: float = Field(5.0, gt=0)
+    first_byte_timeout: float = Field(
+        300.0, gt=0, description="Also the longest silence mid-stream."
+    )
+    total_timeout: float = Field(1800.0, gt=0)
+    keepalive_interval: float = Field(10.0, gt=0, description="SSE comment when idle this long.")
+
+    access_log: str = Field("-", description="`-` stdout, empty: off, else a file path.")
+    log_level: str = "warning"
+
+    @field_validator("upstreams", "api_keys", "models", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("upstreams")
+    @classmethod
+    def _check_urls(cls, urls: list[str]) -> list[str]:
+        if not urls:
+            raise ValueError("at least one upstream base URL is needed, e.g. http://vllm:8000/v1")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"upstream {url!r} is not an http(s) URL")
+        return [url.rstrip("/") for url in urls]

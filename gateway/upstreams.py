@@ -1,0 +1,170 @@
+"""The vLLM servers behind the gateway: least-in-flight choice, retries before the first byte.
+
+The upstream client is aiohttp (C HTTP parser): on this project's 2-core benchmark machine an
+httpx request cost ~0.7 ms against ~0.2 ms for aiohttp, and the gateway's overhead budget is
+0.3 ms. One session (one keep-alive connection pool) per upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.metrics import Metrics
+from gateway.protocol import GatewayError
+from gateway.settings import Settings
+
+DOWN_FOR_S = 1.0  # after a failed connect, try the others first for this long
+# Idle pooled connections are dropped before the server drops them (uvicorn, and so vLLM,
+# closes idle keep-alive connections after 5 s).
+KEEPALIVE_S = 4.0
+
+
+class Upstream:
+    """One OpenAI-compatible server and its keep-alive connection pool."""
+
+    def __init__(self, base_url: str, settings: Settings) -> None:
+        self.base_url = base_url
+        self.chat_url = base_url + "/chat/completions"
+        self.in_flight = 0
+        self.down_until = 0.0
+        self.headers = {"content-type": "application/json"}
+        if settings.upstream_api_key is not None:
+            secret = settings.upstream_api_key.get_secret_value()
+            self.headers["authorization"] = "Bearer " + secret
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.connect_timeout,
+            sock_read=settings.first_byte_timeout,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Created on first use, inside the server's event loop."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=300
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self.timeout,
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.base_url}, in_flight={self.in_flight})"
+
+
+class UpstreamPool:
+    """Picks the upstream with the fewest requests in flight; a failed connect moves on."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.upstreams = [Upstream(url, settings) for url in settings.upstreams]
+        self.metrics = metrics
+        self._turn = 0
+
+    def pick(self, tried: list[Upstream]) -> Upstream | None:
+        """The next upstream to try: up before down, then fewest in flight, ties rotated."""
+        ups = self.upstreams
+        if len(ups) == 1:
+            return None if tried else ups[0]
+        self._turn = (self._turn + 1) % len(ups)
+        now = time.monotonic()
+        best = None
+        best_key = None
+        for i in range(len(ups)):
+            up = ups[(self._turn + i) % len(ups)]
+            if up in tried:
+                continue
+            key = (up.down_until > now, up.in_flight)
+            if best_key is None or key < best_key:
+                best, best_key = up, key
+        return best
+
+    async def open(self, body: bytes) -> tuple[Upstream, aiohttp.ClientResponse]:
+        """Send a chat request; return the upstream and its response, headers read, body not.
+
+        The caller owns the result: it must ``close()``/``release()`` the response and
+        decrement ``upstream.in_flight``. Connect failures are retried on the next upstream;
+        nothing is retried once the upstream has answered.
+        """
+        timeouts = 0
+        tried: list[Upstream] = []
+        stale_retry = True
+        while (up := self.pick(tried)) is not None:
+            tried.append(up)
+            up.in_flight += 1
+            try:
+                response = await up.session.post(up.chat_url, data=body, headers=up.headers)
+                return up, response
+            except aiohttp.ConnectionTimeoutError:
+                reason = "connect_timeout"
+                timeouts += 1
+            except aiohttp.ServerDisconnectedError:
+                up.in_flight -= 1
+                if stale_retry:  # a pooled connection the server had closed: once more, fresh
+                    stale_retry = False
+                    tried.remove(up)
+                    continue
+                up.in_flight += 1
+                reason = "connect"
+            except aiohttp.ClientConnectorError:
+                reason = "connect"
+            except aiohttp.SocketTimeoutError:
+                up.in_flight -= 1
+                self.metrics.upstream_errors.labels("first_byte_timeout").inc()
+                raise GatewayError(
+                    504, "the model server sent no response in time", code="upstream_timeout"
+                ) from None
+            except aiohttp.ClientError:
+                reason = "closed"
+            except BaseException:
+                up.in_flight -= 1
+                raise
+            up.in_flight -= 1
+            up.down_until = time.monotonic() + DOWN_FOR_S
+            self.metrics.upstream_errors.labels(reason).inc()
+        if timeouts:
+            raise GatewayError(
+                504, "connecting to the model servers timed out", code="upstream_timeout"
+            )
+        raise GatewayError(503, "no model server is reachable", code="upstream_unavailable")
+
+    async def _get_json(self, up: Upstream, path: str, timeout: float) -> Any:
+        limit = aiohttp.ClientTimeout(total=timeout)
+        async with up.session.get(up.base_url + path, headers=up.headers, timeout=limit) as r:
+            r.raise_for_status()
+            return orjson.loads(await r.read())
+
+    async def list_models(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The union of the upstreams' ``/models`` lists (unreachable ones are skipped)."""
+        results = await asyncio.gather(
+            *(self._get_json(up, "/models", timeout) for up in self.upstreams),
+            return_exceptions=True,
+        )
+        seen: dict[str, dict[str, Any]] = {}
+        answered = False
+        for result in results:
+            if isinstance(result, BaseException) or not isinstance(result, dict):
+                continue
+            answered = True
+            for model in result.get("data") or []:
+                if isinstance(model, dict) and isinstance(model.get("id"), str):
+                    seen.setdefault(model["id"], model)
+        if not answered:
+            raise GatewayError(503, "no model server is reachable", code="upstream_unavailable")
+        return list(seen.values())
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(up.aclose() for up in self.upstreams))
