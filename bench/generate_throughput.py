@@ -2,11 +2,13 @@
 
 The stand-in teacher runs in its own process with a fixed latency; the client side is the real
 generate code path (input rows -> endpoint pool -> openai SDK client -> ledger commit ->
-normaliser) run in this process. For each in-flight level it prints achieved requests/s divided
-by the ideal (in-flight / latency) and the client's CPU seconds per 1,000 requests.
+normaliser), in this process or, as the CLI decides (``--workers``, auto by default), in worker
+processes. For each in-flight level it prints achieved requests/s divided by the ideal
+(in-flight / latency) and the client's CPU seconds per 1,000 requests (workers included), plus
+the load average: the machine is shared, and a busy neighbour lowers the ratio.
 
     python bench/generate_throughput.py                       # 6,000 requests, 5 s, 100/500/2000
-    python bench/generate_throughput.py --requests 300 --latency 1 --levels 50,150
+    python bench/generate_throughput.py --requests 300 --latency 1 --levels 50,150 --workers 2
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.generate.client import SHARD_SIZE, RetryPolicy  # noqa: E402
-from pipeline.generate.run import GenerateOptions, Runner, run_loop  # noqa: E402
+from pipeline.generate.run import GenerateOptions, Runner, run_loop, send_requests  # noqa: E402
 from pipeline.generate.teachers import TeachersConfig, TeacherSpec  # noqa: E402
+from pipeline.generate.workers import plan_workers  # noqa: E402
 
 MODEL = "deepseek-r1-standin"
 
@@ -84,8 +87,13 @@ def write_inputs(path: Path, n: int, tag: str) -> None:
 
 
 def cpu_seconds() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+    """This process plus its finished children (the generate workers; the stand-in is not
+    reaped until the end, so it is not counted here)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        ru = resource.getrusage(who)
+        total += ru.ru_utime + ru.ru_stime
+    return total
 
 
 def proc_cpu(pid: int) -> float:
@@ -94,7 +102,9 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_level(base_url: str, level: int, requests: int, stream: bool, work: Path) -> dict:
+def run_level(
+    base_url: str, level: int, requests: int, stream: bool, work: Path, workers: int | None
+) -> dict:
     inp = work / f"in-{level}.jsonl"
     write_inputs(inp, requests, f"L{level}")
     spec = TeacherSpec(name="standin", base_url=base_url, model=MODEL, max_concurrency=level)
@@ -108,16 +118,19 @@ def run_level(base_url: str, level: int, requests: int, stream: bool, work: Path
         stream=stream,
         timeout=120,
         retry=RetryPolicy(max_attempts=3, base_s=0.5),
+        workers=workers,
     )
     runner = Runner(opts)
+    n_workers = plan_workers(runner)
     cpu0, t0 = cpu_seconds(), time.perf_counter()
-    run_loop(runner.run_async())
+    send_requests(runner)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     runner.ledger.close()
     p = runner.progress
     if p.retries:
         print(f"  retries by reason: {dict(p.retries)}", file=sys.stderr)
     return {
+        "workers": n_workers,
         "sent": p.sent,
         "done": p.done,
         "retries": sum(p.retries.values()),
@@ -174,6 +187,7 @@ def run_baseline(base_url: str, level: int, requests: int, stream: bool) -> dict
         "wall": time.perf_counter() - t0,
         "cpu": cpu_seconds() - cpu0,
         "retries": 0,
+        "workers": 1,
     }
 
 
@@ -188,6 +202,9 @@ def main() -> None:
         action="store_true",
         help="also time a bare openai-SDK loop at each level (the floor of the client's cost)",
     )
+    ap.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: auto, as the CLI)"
+    )
     args = ap.parse_args()
     resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
     levels = [int(x) for x in args.levels.split(",")]
@@ -197,7 +214,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
             for level in levels:
                 server0 = proc_cpu(proc.pid)
-                r = run_level(base_url, level, args.requests, not args.no_stream, Path(tmp))
+                r = run_level(
+                    base_url, level, args.requests, not args.no_stream, Path(tmp), args.workers
+                )
                 r["server_cpu"] = proc_cpu(proc.pid) - server0
                 ideal = level / args.latency
                 rows.append((f"{level}", r, r["sent"] / r["wall"], ideal))
@@ -218,14 +237,16 @@ def main() -> None:
         f"\ngenerate throughput: {args.requests} requests/level, latency {args.latency:g} s, "
         f"{mode}, stand-in in its own process"
     )
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print("(rows marked 'sdk': a bare openai-SDK loop, no pool/ledger/normaliser, for scale)")
     print(
-        f"{'in flight':>9} {'req/s':>8} {'ideal':>8} {'ratio':>6} {'cpu s/1k req':>13} "
+        f"{'in flight':>9} {'workers':>7} {'req/s':>8} {'ideal':>8} {'ratio':>6} "
+        f"{'cpu s/1k req':>13} "
         f"{'server cpu s/1k':>15} {'retries':>8}"
     )
     for level, r, rps, ideal in rows:
         print(
-            f"{level:>9} {rps:>8.1f} {ideal:>8.1f} {rps / ideal:>6.3f} "
+            f"{level:>9} {r['workers']:>7} {rps:>8.1f} {ideal:>8.1f} {rps / ideal:>6.3f} "
             f"{r['cpu'] / r['sent'] * 1000:>13.2f} {r['server_cpu'] / r['sent'] * 1000:>15.2f} "
             f"{r['retries']:>8}"
         )

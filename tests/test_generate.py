@@ -246,3 +246,94 @@ def test_kill_9_then_resume_gives_identical_files_and_no_repeat_requests(
     a.pop("run"), b.pop("run")
     assert a == b
     assert not list(out.glob(".*.tmp"))
+
+
+def test_two_workers_give_the_same_files_and_send_each_request_once(standin, tmp_path):
+    """--workers 2 splits the rows over two processes: --max-requests is exact over both,
+    the resumed run sends each missing request once, and the files are one process's bytes."""
+    spec = "429=0.1,500=0.05,truncate=0.05,offlabel=0.05,retry_after=0.2"
+    srv = standin(faults=spec, latency_ms=20)
+    inp = sample_input(tmp_path, 60, start=300)
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = run_generate(options(srv, inp, one, concurrency=8, workers=1))
+
+    t0 = time.time()
+    part = run_generate(options(srv, inp, two, concurrency=8, workers=2, max_requests=7))
+    assert part["run"]["requests_sent"] == 7 and "--max-requests 7" in part["run"]["stopped"]
+    first = {e["key"] for e in srv.requests() if e["ts"] >= t0}
+    assert len(first) == 7  # the budget holds over both workers together
+    t1 = time.time()
+    multi = run_generate(options(srv, inp, two, concurrency=8, workers=2))
+    log = [e for e in srv.requests() if e["ts"] >= t1]
+    assert multi["run"]["requests_sent"] == 53 and not {e["key"] for e in log} & first
+    assert len(served(log)) == 53 and max(served(log).values()) == 1  # each answered once
+    assert multi["run"]["retries_by_reason"].get("http_429", 0) > 0
+    assert sum(e["attempts"] for e in multi["run"]["endpoints"].values()) == len(log)
+    for name in DATA_FILES:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    single.pop("run"), multi.pop("run")
+    assert multi == single
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The child processes of ``pid`` (a generate run's workers), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_kill_9_of_the_parent_kills_its_workers_and_resume_repeats_nothing(
+    standin, tmp_path, news_task
+):
+    spec = "429=0.1,500=0.05,truncate=0.05,offlabel=0.05,retry_after=0.2"
+    inp = sample_input(tmp_path, 60, start=200)
+    keys = keys_by_row(news_task, inp, "deepseek-r1-standin")
+    ref_srv = standin(faults=spec, latency_ms=0)
+    ref = tmp_path / "reference"
+    subprocess.run(_cli(*_args(ref_srv, inp, ref)), check=True, timeout=60)
+
+    srv = standin(faults=spec, latency_ms=40)
+    out = tmp_path / "killed"
+    for kill_at in (5, 35, None):
+        before = {keys[k] for k in _ledger_keys(out)}
+        t0 = time.time()
+        args = _args(srv, inp, out, "--concurrency", "6", "--workers", "2")
+        if kill_at is None:
+            subprocess.run(_cli(*args), check=True, timeout=60)
+        else:
+            proc = subprocess.Popen(_cli(*args))
+            deadline = time.monotonic() + 60
+            workers: set[int] = set()
+            while len(_ledger_keys(out)) < kill_at and proc.poll() is None:
+                assert time.monotonic() < deadline
+                workers |= set(_workers_of(proc.pid))
+                time.sleep(0.01)
+            workers |= set(_workers_of(proc.pid))
+            assert len(workers) == 2
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            gone = time.monotonic() + 5
+            while any(_alive(w) for w in workers):  # the workers die with their parent
+                assert time.monotonic() < gone, "a worker outlived its killed parent"
+                time.sleep(0.01)
+        sent = {e["key"] for e in srv.requests() if e["ts"] >= t0}
+        assert not sent & before, kill_at  # nothing the ledger held is asked again
+    # only requests in flight at a kill (<= 6 each time) can have been answered twice
+    assert sum(n - 1 for n in served(srv.requests()).values()) <= 2 * 6
+
+    for name in DATA_FILES:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name

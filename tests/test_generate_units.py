@@ -226,3 +226,31 @@ def test_backoff_is_jittered_exponential_capped_and_never_before_retry_after():
     assert 0 <= min(delays) < 2 and 6 < max(delays) <= 8  # full jitter over [0, 8]
     assert max(policy.delay(10, None) for _ in range(100)) <= 8
     assert min(policy.delay(0, 5.0) for _ in range(100)) >= 5.0
+
+
+def test_workers_share_every_limit_and_keep_the_ledger_model():
+    """Each worker gets 1/N of each endpoint (rpm/tpm in proportion) and of the global cap;
+    the shares add up to what was asked and the ledger keys' model name stays the same."""
+    from pipeline.generate.teachers import TeachersConfig
+    from pipeline.generate.workers import split_teachers
+
+    cfg = TeachersConfig(
+        teachers=[
+            TeacherSpec(name="a", base_url="http://a/v1", model="r1", max_concurrency=7, rpm=70),
+            TeacherSpec(name="b", base_url="http://b/v1", model="r1-b", max_concurrency=1, tpm=9),
+            TeacherSpec(name="c", base_url="http://c/v1", model="r1", max_concurrency=2),
+        ]
+    )
+    parts = split_teachers(cfg, 9, 3)
+    assert [cap for _, cap in parts] == [3, 3, 3]
+    for name in "abc":
+        specs = [t for c, _ in parts for t in c.teachers if t.name == name]
+        orig = next(t for t in cfg.teachers if t.name == name)
+        assert sum(t.max_concurrency for t in specs) == orig.max_concurrency
+        for t in specs:
+            frac = t.max_concurrency / orig.max_concurrency
+            assert t.rpm == (orig.rpm * frac if orig.rpm else None)
+            assert t.tpm == (orig.tpm * frac if orig.tpm else None)
+    assert all(c.teachers and c.key_model == cfg.key_model == "r1+r1-b" for c, _ in parts)
+    with pytest.raises(ValueError, match="no request slot"):
+        split_teachers(cfg, 2, 3)

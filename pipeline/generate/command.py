@@ -79,6 +79,15 @@ def generate(
         Path | None, typer.Option(help="Tokenizer folder: reasoning length in tokens too.")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or summary table.")] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Processes sending requests (each with its own event loop and clients). "
+            "Default: auto = min(CPU cores, ceil(concurrency/2500), ceil(pending rows/2500)), "
+            "i.e. one process unless thousands are in flight; more pays only on idle cores.",
+        ),
+    ] = None,
 ) -> None:
     """Generate R1-style training data from a teacher; resumable (re-run the same command).
 
@@ -92,6 +101,7 @@ def generate(
     from pipeline.generate.run import GenerateOptions, run_generate
     from pipeline.generate.stats import TokenizerError
     from pipeline.generate.teachers import TeacherConfigError
+    from pipeline.generate.workers import WorkerError
     from pipeline.task import TaskError
 
     try:
@@ -116,9 +126,17 @@ def generate(
             tokenizer=tokenizer,
             quiet=quiet,
             retry=RetryPolicy(max_attempts=max_attempts, base_s=retry_base),
+            workers=workers,
         )
         stats = run_generate(opts)
-    except (TaskError, InputError, TeacherConfigError, TokenizerError, FatalError) as e:
+    except (
+        TaskError,
+        InputError,
+        TeacherConfigError,
+        TokenizerError,
+        FatalError,
+        WorkerError,
+    ) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:

@@ -68,12 +68,17 @@ class Stored:
 
 
 class Ledger:
-    """A small SQLite store; each :meth:`put` is its own committed transaction."""
+    """A small SQLite store; each :meth:`put` is its own committed transaction.
+
+    Several processes may hold it open at once (WAL: readers never block, writers queue).
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=60.0
+        )  # worker processes share the file: a writer waits (busy timeout) for another's commit
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a killed process (only an OS crash can lose the tail).
         self.db.execute("PRAGMA synchronous=NORMAL")

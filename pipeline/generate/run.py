@@ -26,6 +26,7 @@ from pipeline.generate.writers import alpaca_record, sharegpt_record, write_outp
 from pipeline.task import Task, load_task
 
 LEDGER = "ledger.sqlite"
+LAUNCH_PER_S = 400.0  # pace of a process's first requests (about what one loop can serve)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class GenerateOptions:
     tokenizer: Path | None = None
     quiet: bool = False
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    workers: int | None = None  # processes sending requests; None = auto (see workers.py)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -82,6 +84,7 @@ class Progress:
     reused: int = 0
     tokens: int = 0
     stopped: str | None = None
+    in_flight: int = 0  # reported by worker processes (the in-process pool counts its own)
 
 
 def samples_for(row: InputRow, opts: GenerateOptions) -> int:
@@ -140,6 +143,8 @@ class Runner:
         self.failed_this_run: set[str] = set()
         self.progress = Progress(total=len(self.rows))
         self.pool: EndpointPool | None = None
+        # [requests sent, tokens used] shared with sibling worker processes (workers.py)
+        self.shared: Any = None
 
     # -- the asynchronous part -------------------------------------------------------------
     def _budget_left(self) -> bool:
@@ -150,6 +155,31 @@ class Runner:
             p.stopped = p.stopped or f"--budget-tokens {o.budget_tokens} reached"
         return p.stopped is None
 
+    def _claim(self) -> bool:
+        """Reserve one new request under ``--max-requests``/``--budget-tokens``."""
+        if self.shared is None:
+            if not self._budget_left():
+                return False
+        else:  # the budget is over all workers: check and count under their common lock
+            o, p = self.opts, self.progress
+            with self.shared.get_lock():
+                if o.max_requests is not None and self.shared[0] >= o.max_requests:
+                    p.stopped = p.stopped or f"--max-requests {o.max_requests} reached"
+                elif o.budget_tokens is not None and self.shared[1] >= o.budget_tokens:
+                    p.stopped = p.stopped or f"--budget-tokens {o.budget_tokens} reached"
+                else:
+                    self.shared[0] += 1
+            if p.stopped:
+                return False
+        self.progress.sent += 1
+        return True
+
+    def _spent(self, tokens: int) -> None:
+        self.progress.tokens += tokens
+        if self.shared is not None:
+            with self.shared.get_lock():
+                self.shared[1] += tokens
+
     def _count_retry(self, reason: str) -> None:
         self.progress.retries[reason] += 1
 
@@ -158,9 +188,8 @@ class Runner:
         if st is not None and (st.ok or key in self.failed_this_run):
             self.progress.reused += st.ok and key not in self.failed_this_run
             return st
-        if not self._budget_left():
+        if not self._claim():
             return None
-        self.progress.sent += 1
         assert self.pool is not None
         res: CallResult = await call_with_retries(
             self.pool,
@@ -183,7 +212,7 @@ class Runner:
         if not res.ok:
             self.failed_this_run.add(key)
         usage = res.raw.get("usage") or {}
-        self.progress.tokens += usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+        self._spent(usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0))
         return st
 
     async def _row(self, row: InputRow) -> None:
@@ -199,7 +228,9 @@ class Runner:
             self.progress.rejected += 1
         self.progress.done += 1
 
-    async def _worker(self, queue: asyncio.Queue) -> None:
+    async def _worker(self, queue: asyncio.Queue, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)
         while True:
             try:
                 row = queue.get_nowait()
@@ -220,7 +251,13 @@ class Runner:
             queue.put_nowait(row)
         n_workers = max(1, min(self.pool.capacity, len(self.rows)))
         bar = None if self.opts.quiet else _progress_bar(self)
-        workers = [asyncio.create_task(self._worker(queue)) for _ in range(n_workers)]
+        # Staggered start: launching thousands of requests at once makes the event loop
+        # interleave all their sends, so every one reaches the server late, all answers come
+        # back in one burst and the slots stay in lockstep, each wave paying the whole burst's
+        # CPU; started at a pace the loop can serve, they stay spread out.
+        workers = [
+            asyncio.create_task(self._worker(queue, i / LAUNCH_PER_S)) for i in range(n_workers)
+        ]
         try:
             if bar:
                 bar.start()
@@ -313,7 +350,7 @@ def _progress_bar(runner: Runner):
                     completed=p.done,
                     acc=p.accepted,
                     rej=p.rejected,
-                    fl=runner.pool.in_flight if runner.pool else 0,
+                    fl=runner.pool.in_flight if runner.pool else p.in_flight,
                     rps=p.sent / elapsed,
                 )
             yield from super().get_renderables()
@@ -342,12 +379,23 @@ def run_loop(coro) -> Any:
     return uvloop.run(coro)
 
 
+def send_requests(runner: Runner) -> None:
+    """Ask the teacher for what the ledger lacks: in this process, or over worker processes."""
+    from pipeline.generate.workers import plan_workers, run_in_workers
+
+    n = plan_workers(runner)
+    if n <= 1:
+        run_loop(runner.run_async())
+    else:
+        run_in_workers(runner, n)
+
+
 def run_generate(opts: GenerateOptions) -> dict[str, Any]:
     """Run the stage end to end; returns the stats written to ``stats.json``."""
     start = time.monotonic()
     runner = Runner(opts)
     try:
-        run_loop(runner.run_async())
+        send_requests(runner)
         return runner.write(time.monotonic() - start)
     finally:
         runner.ledger.close()
