@@ -569,6 +569,7 @@ class _Relay:
         """What to send to the client, one write per upstream read (``[DONE]`` excluded)."""
         settings = self.gw.settings
         shaper = self.shaper
+        event = shaper.event
         buf = b""
         last_write = time.monotonic()
         try:
@@ -576,18 +577,20 @@ class _Relay:
                 async for piece in self._reads():
                     if b"\r" in piece:
                         piece = piece.replace(b"\r\n", b"\n")
-                    buf += piece
+                    buf = buf + piece if buf else piece
                     out = []
-                    while True:
-                        end = buf.find(b"\n\n")
-                        if end < 0:
-                            break
-                        payload = _data_of(buf[:end])
-                        buf = buf[end + 2 :]
+                    pos = 0
+                    while (end := buf.find(b"\n\n", pos)) >= 0:
+                        if buf.startswith(b"data: ", pos) and buf.find(b"\n", pos, end) < 0:
+                            payload = buf[pos + 6 : end]  # the usual one-line event
+                        else:
+                            payload = _data_of(buf[pos:end])
+                        pos = end + 2
                         if payload is not None:
-                            shaped = shaper.event(payload)
+                            shaped = event(payload)
                             if shaped is not None:
                                 out.append(shaped)
+                    buf = buf[pos:] if pos else buf
                     now = time.monotonic()
                     if out:
                         last_write = now

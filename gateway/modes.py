@@ -23,6 +23,11 @@ from pipeline.think import (
 )
 
 UPSTREAM_REASONING = ("reasoning_content", "reasoning")
+_SLOW = object()  # a fast path declined: take the general one
+_CONTENT_KEY = b'"delta":{"content":'
+_CONTENT_LEN = len(_CONTENT_KEY)
+_BRACE = ord("}")
+_ENVELOPE_TRIES = 8  # chunks looked at for a plain content chunk before giving up
 GATEWAY_ONLY = ("include_reasoning", "reasoning")
 
 
@@ -181,6 +186,22 @@ def shape_completion(
     return outcome
 
 
+class _Envelope:
+    """The bytes around the delta of a stream's plain content chunks: ``head`` +
+    ``"delta":{...}`` + ``tail``, checked once by parsing (see ``_learn_envelope``)."""
+
+    __slots__ = ("head", "head_len", "index", "prefix", "suffix", "tail", "tail_len")
+
+    def __init__(self, head: bytes, tail: bytes, index: int) -> None:
+        self.head = head
+        self.tail = tail
+        self.index = index
+        self.head_len = len(head)
+        self.tail_len = len(tail) + 1  # with the delta's closing brace
+        self.prefix = b"data: " + head + b'"delta":'
+        self.suffix = tail + b"\n\n"
+
+
 class _ChoiceStream:
     """Per-choice streaming state (``n > 1`` choices each get their own)."""
 
@@ -218,6 +239,10 @@ class StreamShaper:
         self.choices: dict[int, _ChoiceStream] = {}
         self.outcome = Outcome()
         self.finished = False
+        # The envelope of this stream's plain content chunks, learned from the first one:
+        # see :meth:`_fast_event`.
+        self._envelope: _Envelope | None = None
+        self._envelope_tries = 0
 
     def _choice(self, index: int) -> _ChoiceStream:
         state = self.choices.get(index)
@@ -227,6 +252,11 @@ class StreamShaper:
 
     def event(self, payload: bytes) -> bytes | None:
         """One upstream ``data:`` payload in, the SSE bytes to send out (or None)."""
+        envelope = self._envelope
+        if envelope is not None and payload.startswith(envelope.head):
+            out = self._fast_event(payload, envelope)
+            if out is not _SLOW:
+                return out
         if payload == b"[DONE]":
             self.finished = True
             return None
@@ -238,6 +268,8 @@ class StreamShaper:
             ) from None
         if not isinstance(chunk, dict):
             return None
+        if self._envelope is None and self._envelope_tries < _ENVELOPE_TRIES:
+            self._learn_envelope(payload, chunk)
         if "error" in chunk or chunk.get("object") == "error":
             return b"data: " + orjson.dumps(_error_event(chunk)) + b"\n\n"
         changed = False
@@ -262,6 +294,90 @@ class StreamShaper:
             return b"data: " + payload + b"\n\n"
         chunk["choices"] = kept
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def _fast_event(self, payload: bytes, envelope: _Envelope) -> Any:
+        """A plain content chunk in the learned envelope, shaped without parsing or
+        re-serialising the envelope (``_SLOW`` when the chunk is anything else)."""
+        if not payload.endswith(envelope.tail):
+            return _SLOW
+        end = len(payload) - envelope.tail_len
+        if payload[end] != _BRACE or not payload.startswith(_CONTENT_KEY, envelope.head_len):
+            return _SLOW
+        try:
+            content = orjson.loads(payload[envelope.head_len + _CONTENT_LEN : end])
+        except orjson.JSONDecodeError:
+            return _SLOW
+        if type(content) is not str:
+            return _SLOW
+        state = self.choices.get(envelope.index)
+        if state is None or state.upstream_split:
+            return _SLOW
+        # What _shape_choice does for a delta of only text, no finish_reason.
+        reasoning = answer = ""
+        if content:
+            splitter = state.splitter
+            was_closed = splitter.closed
+            reasoning, answer = splitter.feed(content)
+            if not was_closed:
+                state.reasoning_chunks += 1
+        outcome = self.outcome
+        if reasoning and outcome.first_reasoning is None:
+            outcome.first_reasoning = time.perf_counter() - self.t0
+        if answer and outcome.first_answer is None:
+            outcome.first_answer = time.perf_counter() - self.t0
+        mode = self.mode
+        if mode == "inline":  # not split upstream: the text as the model wrote it
+            return b"data: " + payload + b"\n\n"
+        if mode == "hide" or not reasoning:
+            if not answer:
+                return None
+            delta = b'{"content":' + orjson.dumps(answer) + b"}"
+        elif not answer and self.field_mode == "reasoning_content":
+            delta = b'{"reasoning_content":' + orjson.dumps(reasoning) + b"}"
+        else:
+            new_delta = {"content": answer} if answer else {}
+            _set_reasoning(new_delta, self.field_mode, reasoning)
+            delta = orjson.dumps(new_delta)
+        return envelope.prefix + delta + envelope.suffix
+
+    def _learn_envelope(self, payload: bytes, chunk: dict[str, Any]) -> None:
+        """Remember the bytes around the delta of a plain content chunk, if this one is,
+        checked by parsing the envelope around a stand-in delta."""
+        self._envelope_tries += 1
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or len(choices) != 1:
+            return
+        choice = choices[0]
+        if not isinstance(choice, dict) or "error" in chunk or chunk.get("usage") is not None:
+            return
+        delta = choice.get("delta")
+        index = choice.get("index", 0)
+        if not isinstance(delta, dict) or list(delta) != ["content"]:
+            return
+        if type(delta["content"]) is not str:
+            return
+        if choice.get("finish_reason") is not None or type(index) is not int:
+            return
+        at = payload.find(_CONTENT_KEY)
+        if at < 0 or payload.find(_CONTENT_KEY, at + 1) >= 0:
+            return
+        end = payload.find(b"}", at + _CONTENT_LEN)
+        while end >= 0:  # the delta's closing brace: the first one after a valid literal
+            try:
+                orjson.loads(payload[at + _CONTENT_LEN : end])
+                break
+            except orjson.JSONDecodeError:
+                end = payload.find(b"}", end + 1)
+        if end < 0:
+            return
+        head, tail = payload[:at], payload[end + 1 :]
+        try:
+            probe = orjson.loads(head + b'"delta":{"content":"x"}' + tail)
+        except orjson.JSONDecodeError:
+            return
+        expected = {**chunk, "choices": [{**choice, "delta": {"content": "x"}}]}
+        if probe == expected and probe.get("object") != "error":
+            self._envelope = _Envelope(head, tail, index)
 
     def _usage(self, usage: dict[str, Any]) -> None:
         outcome = self.outcome
