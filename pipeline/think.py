@@ -136,9 +136,15 @@ class _TagCounter:
         self.count = 0
 
     def feed(self, piece: str) -> None:
+        tag = self.tag
+        if not self.tail and tag[0] not in piece:
+            return  # no tag can end here, and none can start
         window = self.tail + piece
-        self.count += window.count(self.tag)
-        self.tail = window[-(len(self.tag) - 1) :]
+        self.count += window.count(tag)
+        # Tags hold their first character once, so only its last occurrence in the last
+        # len(tag) - 1 characters can start a tag that the next piece ends.
+        at = window.rfind(tag[0], max(len(window) - len(tag) + 1, 0))
+        self.tail = window[at:] if at >= 0 else ""
 
 
 class _Section:
@@ -205,6 +211,10 @@ class ThinkStreamSplitter:
 
     def feed(self, chunk: str) -> tuple[str, str]:
         """Take the next piece of text; return the (reasoning, answer) text it releases."""
+        if self._state == self._REASONING and not self._partial and "<" not in chunk:
+            # _feed_think's result when no tag can start here (the common case, per token).
+            self._stray.feed(chunk)
+            return self._reasoning.feed(chunk), ""
         if self._state == self._START:
             return self._feed_start(chunk)
         if self._state == self._ANSWER:
