@@ -128,7 +128,10 @@ def student_rows() -> list[dict]:
 
 
 def short_reasoning(row: dict) -> str:
-    return f"这条新闻属于{row['label']}。"
+    """One fixed reasoning line: the fixture student must learn the shape in a few steps. It
+    does not name the label, whose token would otherwise also end the answer, and a briefly
+    trained model then stops right after it, inside the think section."""
+    return "我看了标题里的关键词,判断出了它的类别。"
 
 
 @pytest.fixture(scope="session")

@@ -110,41 +110,38 @@ def _q(words: tuple[str, ...]) -> str:
     return "、".join(f"“{w}”" for w in words)
 
 
-_OPEN = (
-    "嗯,用户让我给这条新闻分类:“{t}”。我先看看标题里有哪些关键信息。",
-    "好的,我来看一下这条标题:“{t}”。首先得找出里面能说明类别的词。",
-    "嗯,这条新闻是“{t}”,我需要判断它属于哪个类别。先把标题拆开看看。",
-)
+# Short, R1-like thoughts: the decisive evidence first (the words matched, the label they point
+# to), then the runner-up weighed and rejected, then the conclusion. The headline is not restated:
+# the reader has it, and a student model learns the reasoning better when each line carries a
+# decision rather than a copy of its input.
 _EVIDENCE = (
-    "标题里出现了{w},这些词通常和{a}相关。",
-    "我注意到{w},这类词一般出现在{a}类的报道里。",
-    "这里最关键的线索是{w},明显指向{a}。",
+    "嗯,标题里有{w},这些词指向{a}。",
+    "嗯,关键词是{w},属于{a}的范畴。",
+    "好的,最关键的线索是{w},明显是{a}。",
 )
 _RIVAL_SEEN = (
-    "不过,标题里还有{w},看起来也有点像{b}。我再想想,{b}方面的线索分量不如前面那些词,"
-    "新闻的重点也不在这里。",
-    "不过我也在想,会不会是{b}?因为提到了{w}。再仔细看,这只是背景信息,标题真正讲的是{a}方面的事。",
+    "不过也提到了{w},有点像{b},但分量不如前面的词,排除。",
+    "会不会是{b}?有{w},不过只是背景,重点还是{a}。",
 )
 _RIVAL_UNSEEN = (
-    "那会不会是{b}呢?标题里没有明显和{b}相关的内容,可以排除。",
-    "不过我也考虑了一下{b},但标题里找不到支持{b}的线索,所以不太像。",
+    "{b}呢?标题里没有相关的词,排除。",
+    "也想过{b},不过找不到支持它的线索。",
 )
 _CONCLUDE = (
-    "所以综合来看,这条新闻应该归为{a}。",
-    "所以,我认为这条属于{a}。",
-    "所以答案应该是{a}。",
+    "所以答案是{a}。",
+    "所以归为{a}。",
 )
 _UNSURE = (
-    "我读了一遍,没有找到特别明确的分类线索,标题里没有常见的关键词。",
-    "嗯……这个标题有点难判断,里面没有明显指向某个类别的词。",
+    "嗯,标题里没有明确指向某个类别的关键词。",
+    "嗯……这个标题不好判断,没有明显的关键词。",
 )
 _UNSURE_RIVAL = (
-    "会不会是{b}?好像也说不通,没有什么依据。",
-    "我想过{b},不过标题里看不出和{b}有关系。",
+    "会不会是{b}?也没有依据。",
+    "想过{b},但看不出关系。",
 )
 _UNSURE_CONCLUDE = (
-    "我不太确定,只能凭整体感觉猜一下,暂且归为{a}吧。",
-    "说实话我没什么把握,勉强归为{a}。",
+    "我不太确定,暂且归为{a}吧。",
+    "没什么把握,勉强归为{a}。",
 )
 
 
@@ -194,7 +191,7 @@ class Persona:
         calls, ``final`` forces the concluding label (used to inject off-label answers)."""
         reading = self.read(headline)
         sampled = variant is not None
-        lines = [self._pick(_OPEN, variant, headline, "open").format(t=headline)]
+        lines: list[str] = []
         if not reading.ranked:
             guess = self.labels[
                 stable_hash("guess", variant if sampled else "", headline) % len(self.labels)
