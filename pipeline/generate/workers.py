@@ -36,11 +36,11 @@ from collections import Counter
 
 from pipeline.generate.teachers import EndpointPool, TeachersConfig, TeacherSpec
 
-# auto: one more worker per this many requests in flight / pending rows. Measured on the
-# shared 2-core machine (load 3-4, stand-in at 5 s, 6,000 requests, 2,000 in flight): one
-# process reached 0.70-0.71 of ideal, two 0.48-0.61, so a second process pays only where
-# cores are idle; it stays opt-in (``--workers 2``) below this many slots.
-ROWS_PER_WORKER = 2500
+# auto: one more worker per this many requests in flight / pending rows. Measured on an idle
+# 2-core machine (stand-in at 5 s in its own process, 6,000 requests, 2,000 in flight): one
+# process reached 0.72 of ideal, two 0.83. Under heavy load from other processes two did
+# worse than one (0.48-0.61 vs 0.70), so below 1,000 slots one process stays the default.
+ROWS_PER_WORKER = 1000
 REPORT_S = 0.25  # how often a worker reports its counters to the parent
 
 
