@@ -6,10 +6,10 @@ import string
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.think import split_think
+from pipeline.yamlfile import load_yaml_model
 
 
 class TaskError(ValueError):
@@ -100,27 +100,8 @@ class Task(BaseModel):
         return self.read_label(parts.answer) if parts.closed else None
 
 
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "field required" if e["type"] == "missing" else e["msg"]
-        lines.append(f"field '{loc}': {msg}")
-    return "; ".join(lines)
-
-
 def load_task(path: str | Path) -> Task:
     """Load and validate a task YAML; errors name the file and the offending field."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise TaskError(f"{path}: cannot read task file: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise TaskError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise TaskError(f"{path}: expected a mapping of task fields at the top level")
-    try:
-        return Task.model_validate(raw)
-    except ValidationError as e:
-        raise TaskError(f"{path}: {_describe(e)}") from None
+    return load_yaml_model(
+        path, Task, TaskError, what="task file", expected="a mapping of task fields"
+    )

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.yamlfile import load_yaml_model
 
 
 class TeacherConfigError(ValueError):
@@ -85,25 +86,16 @@ class TeachersConfig(BaseModel):
 
 
 def load_teachers(path: str | Path) -> TeachersConfig:
-    """Load ``teachers.yaml``; errors name the file and the field."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise TeacherConfigError(f"{path}: cannot read teachers file: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise TeacherConfigError(f"{path}: not valid YAML: {e}") from None
-    if isinstance(raw, list):
-        raw = {"teachers": raw}
-    if not isinstance(raw, dict):
-        raise TeacherConfigError(f"{path}: expected a mapping with a 'teachers' list")
-    try:
-        return TeachersConfig.model_validate(raw)
-    except ValidationError as e:
-        msgs = [
-            f"field '{'.'.join(str(p) for p in err['loc'])}': {err['msg']}" for err in e.errors()
-        ]
-        raise TeacherConfigError(f"{path}: {'; '.join(msgs)}") from None
+    """Load ``teachers.yaml`` (a mapping with a ``teachers`` list, or the bare list); errors
+    name the file and the field."""
+    return load_yaml_model(
+        path,
+        TeachersConfig,
+        TeacherConfigError,
+        what="teachers file",
+        expected="a mapping with a 'teachers' list",
+        prepare=lambda raw: {"teachers": raw} if isinstance(raw, list) else raw,
+    )
 
 
 class RateLimiter:

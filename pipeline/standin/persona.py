@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.yamlfile import load_yaml_model
 
 DEFAULT_LEXICON = Path(__file__).with_name("lexicon.yaml")
 CLOSE_CALL = 0.75  # runner-up score / top score at or above which a sampled answer may flip
@@ -50,31 +51,13 @@ class Lexicon(BaseModel):
 
 def load_lexicon(path: str | Path | None = None) -> Lexicon:
     """Read and validate a lexicon YAML; errors name the file (and the line for YAML errors)."""
-    path = Path(path) if path else DEFAULT_LEXICON
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise LexiconError(
-            f"{path}: cannot read lexicon ({e.strerror}); expected YAML "
-            "'labels: {<label>: [keyword, ...]}'"
-        ) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise LexiconError(
-            f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})"
-        ) from None
-    if not isinstance(raw, dict):
-        raise LexiconError(f"{path}: expected a mapping with a 'labels' key at the top level")
-    try:
-        return Lexicon.model_validate(raw)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"field '{'.'.join(str(p) for p in err['loc'])}': {err['msg']}" for err in e.errors()
-        )
-        raise LexiconError(
-            f"{path}: {problems} (expected 'labels: {{<label>: [keyword, ...]}}')"
-        ) from None
+    return load_yaml_model(
+        path or DEFAULT_LEXICON,
+        Lexicon,
+        LexiconError,
+        what="lexicon",
+        expected="a mapping 'labels: {<label>: [keyword, ...]}'",
+    )
 
 
 def stable_hash(*parts: object) -> int:

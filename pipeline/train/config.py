@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.yamlfile import load_yaml_model
 
 
 class ConfigError(ValueError):
@@ -60,26 +61,12 @@ class TrainConfig(BaseModel):
     )
 
 
-def _describe(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        parts.append(f"field '{loc}': {'field required' if e['type'] == 'missing' else e['msg']}")
-    return "; ".join(parts)
-
-
 def load_config(path: str | Path) -> TrainConfig:
     """Load and validate a training YAML; errors name the file and the offending field."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read training config: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of training settings at the top level")
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(f"{path}: {_describe(e)}") from None
+    return load_yaml_model(
+        path,
+        TrainConfig,
+        ConfigError,
+        what="training config",
+        expected="a mapping of training settings",
+    )
