@@ -172,6 +172,7 @@ def launch_vllm(
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     if log_path:
         out.close()
@@ -179,6 +180,15 @@ def launch_vllm(
     return VLLMServer(
         process, f"http://{client_host}:{port}/v1", served_model_name or str(model), log_path
     )
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM vLLM when the process that started it dies without cleaning up
+    (``kill -9`` of the demo or of pytest), so no server is left holding cores and memory."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def start_vllm(model: str | Path, *, startup_timeout: float = 600.0, **kwargs) -> VLLMServer:

@@ -10,13 +10,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,74 +167,23 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_student, tmp_path_factory):
-    """vLLM CPU serving ``tiny_student`` as ``student``; one per session, killed at the end."""
-    import httpx
-
+    """vLLM CPU serving ``tiny_student`` as ``student`` through the project's own launcher
+    (:func:`pipeline.serve.running_vllm`); one per session, stopped at the end."""
+    from pipeline.serve import ServeError, running_vllm
     from tests.conftest import free_port
 
-    port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(tiny_student),
-        "--served-model-name",
-        "student",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        "512",
-        "--dtype",
-        "bfloat16",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-    root_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM exited with {proc.returncode}; log tail:\n{_tail(log)}")
-            try:
-                if httpx.get(f"{root_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM not healthy after 240 s; log tail:\n{_tail(log)}")
-            time.sleep(2)
-        yield VllmServer(f"{root_url}/v1", root_url, "student", tiny_student, log)
-    finally:
-        _stop(proc)
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM the server when pytest dies without teardown (killed, timed out)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate the server's whole process group (vLLM forks an engine process)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        with running_vllm(
+            tiny_student,
+            served_model_name="student",
+            host="127.0.0.1",
+            port=free_port(),
+            max_model_len=512,
+            log_path=log,
+            startup_timeout=240,
+        ) as server:
+            root_url = server.base_url.removesuffix("/v1")
+            yield VllmServer(server.base_url, root_url, "student", tiny_student, log)
+    except ServeError as e:
+        pytest.fail(f"vLLM did not start: {e}\nlog tail:\n{_tail(log)}")
