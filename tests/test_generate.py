@@ -208,17 +208,24 @@ def _ledger_keys(out: Path) -> set[tuple[str, int]]:
         return set()
 
 
+KILL_FAULTS = "429=0.1,500=0.05,truncate=0.05,offlabel=0.05,retry_after=0.2"
+
+
+def _reference_run(standin, tmp_path: Path, news_task, start: int):
+    """60 input rows, their request keys, and the files of an uninterrupted run over them."""
+    inp = sample_input(tmp_path, 60, start=start)
+    keys = keys_by_row(news_task, inp, "deepseek-r1-standin")
+    ref = tmp_path / "reference"
+    ref_srv = standin(faults=KILL_FAULTS, latency_ms=0)
+    subprocess.run(_cli(*_args(ref_srv, inp, ref)), check=True, timeout=60)
+    return inp, keys, ref
+
+
 def test_kill_9_then_resume_gives_identical_files_and_no_repeat_requests(
     standin, tmp_path, news_task
 ):
-    spec = "429=0.1,500=0.05,truncate=0.05,offlabel=0.05,retry_after=0.2"
-    inp = sample_input(tmp_path, 60, start=100)
-    keys = keys_by_row(news_task, inp, "deepseek-r1-standin")
-    ref_srv = standin(faults=spec, latency_ms=0)
-    ref = tmp_path / "reference"
-    subprocess.run(_cli(*_args(ref_srv, inp, ref)), check=True, timeout=60)
-
-    srv = standin(faults=spec, latency_ms=40)
+    inp, keys, ref = _reference_run(standin, tmp_path, news_task, start=100)
+    srv = standin(faults=KILL_FAULTS, latency_ms=40)
     out = tmp_path / "killed"
     for kill_at in (3, 25, 60, None):  # early, mid-run, after the last answer, then finish
         before = {keys[k] for k in _ledger_keys(out)}
@@ -251,8 +258,7 @@ def test_kill_9_then_resume_gives_identical_files_and_no_repeat_requests(
 def test_two_workers_give_the_same_files_and_send_each_request_once(standin, tmp_path):
     """--workers 2 splits the rows over two processes: --max-requests is exact over both,
     the resumed run sends each missing request once, and the files are one process's bytes."""
-    spec = "429=0.1,500=0.05,truncate=0.05,offlabel=0.05,retry_after=0.2"
-    srv = standin(faults=spec, latency_ms=20)
+    srv = standin(faults=KILL_FAULTS, latency_ms=20)
     inp = sample_input(tmp_path, 60, start=300)
     one, two = tmp_path / "one", tmp_path / "two"
     single = run_generate(options(srv, inp, one, concurrency=8, workers=1))
@@ -299,14 +305,8 @@ def _alive(pid: int) -> bool:
 def test_kill_9_of_the_parent_kills_its_workers_and_resume_repeats_nothing(
     standin, tmp_path, news_task
 ):
-    spec = "429=0.1,500=0.05,truncate=0.05,offlabel=0.05,retry_after=0.2"
-    inp = sample_input(tmp_path, 60, start=200)
-    keys = keys_by_row(news_task, inp, "deepseek-r1-standin")
-    ref_srv = standin(faults=spec, latency_ms=0)
-    ref = tmp_path / "reference"
-    subprocess.run(_cli(*_args(ref_srv, inp, ref)), check=True, timeout=60)
-
-    srv = standin(faults=spec, latency_ms=40)
+    inp, keys, ref = _reference_run(standin, tmp_path, news_task, start=200)
+    srv = standin(faults=KILL_FAULTS, latency_ms=40)
     out = tmp_path / "killed"
     for kill_at in (5, 35, None):
         before = {keys[k] for k in _ledger_keys(out)}
