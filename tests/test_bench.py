@@ -21,7 +21,10 @@ def _run(*args: str, timeout: int = 300) -> str:
 
 @pytest.mark.slow
 def test_train_throughput_runs_on_cpu_with_a_tiny_shape():
-    out = _run("bench/train_throughput.py", "--tiny", "--steps", "2", "--warmup", "1")
+    out = _run(
+        "bench/train_throughput.py", "--tiny", "--steps", "2", "--warmup", "1", "--rows", "2"
+    )
+    assert "2×512 packed rows/step" in out
     for mode in ("packed", "padded"):
         match = re.search(rf"{mode}:\s+([\d,]+) tokens/s", out)
         assert match and int(match.group(1).replace(",", "")) > 0, out
