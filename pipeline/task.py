@@ -23,6 +23,10 @@ class InputSpec(BaseModel):
 
     id_field: str = "id"
     label_field: str = "label"
+    split_field: str = Field(
+        "split",
+        description="optional per-row 'train'/'test'; when every row has it, it fixes the split",
+    )
     fields: list[str] = Field(min_length=1)
 
 

@@ -24,8 +24,8 @@ def rows() -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             pytest.fail(f"{HEADLINES}:{n}: not valid JSON: {e}")
-        assert isinstance(row, dict) and set(row) == {"id", "title", "label"}, (
-            f"{HEADLINES}:{n}: expected an object with exactly id, title, label; got {row!r}"
+        assert isinstance(row, dict) and set(row) == {"id", "title", "label", "split"}, (
+            f"{HEADLINES}:{n}: expected an object with exactly id, title, label, split; got {row!r}"
         )
         assert all(isinstance(v, str) for v in row.values()), f"{HEADLINES}:{n}: non-string field"
         out.append(row)
@@ -59,6 +59,37 @@ def test_headlines_unique_and_well_formed(rows: list[dict]) -> None:
 def test_headlines_are_interleaved(rows: list[dict], news_task: Task) -> None:
     """Shuffled, so any prefix of the file (a quick demo run) sees many labels."""
     assert len({r["label"] for r in rows[:60]}) >= len(news_task.labels) - 2
+
+
+def test_held_out_rows_are_the_original_seeded_split(rows: list[dict], news_task, tmp_path):
+    """The fixed ``split`` column holds the seed-42, 15 % stratified split of the first 630
+    headlines; every headline added later is training-only, so no held-out row ever moved."""
+    from pipeline.generate.inputs import read_inputs, split_rows
+
+    original = [{k: r[k] for k in ("id", "title", "label")} for r in rows[:630]]
+    path = tmp_path / "original.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in original))
+    seeded = split_rows(read_inputs(path, news_task).rows, test_ratio=0.15, seed=42)
+    assert {r.id for r in seeded if r.split == "test"} == {
+        r["id"] for r in rows if r["split"] == "test"
+    }
+    assert all(r["split"] == "train" for r in rows[630:])
+    held = Counter(r["label"] for r in rows if r["split"] == "test")
+    assert set(held.values()) == {6} and len(held) == len(news_task.labels)
+
+
+def test_no_training_headline_is_a_near_copy_of_a_held_out_one(rows: list[dict]) -> None:
+    """Character-bigram Jaccard similarity to every held-out title stays at or below 0.2."""
+
+    def bigrams(title: str) -> set[str]:
+        return {title[i : i + 2] for i in range(len(title) - 1)}
+
+    held = [(r["title"], bigrams(r["title"])) for r in rows if r["split"] == "test"]
+    for r in rows:
+        if r["split"] == "train":
+            mine = bigrams(r["title"])
+            title, other = max(held, key=lambda h: len(mine & h[1]) / len(mine | h[1]))
+            assert len(mine & other) / len(mine | other) <= 0.2, (r["title"], title)
 
 
 def test_headlines_render_through_the_task(rows: list[dict], news_task: Task) -> None:

@@ -101,8 +101,15 @@ def test_csv_with_configured_field_names(tmp_path, news_task):
         read_inputs(path, task)
 
 
-def test_split_is_stratified_seeded_and_order_independent(news_task):
-    rows = read_inputs(ROOT / "data" / "news" / "headlines.jsonl", news_task).rows
+def _without_split(tmp_path: Path) -> Path:
+    """The shipped headlines with their fixed ``split`` field removed."""
+    lines = (ROOT / "data" / "news" / "headlines.jsonl").read_text("utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    return write_jsonl(tmp_path / "h.jsonl", [{**r, "split": None} for r in records])
+
+
+def test_split_is_stratified_seeded_and_order_independent(news_task, tmp_path):
+    rows = read_inputs(_without_split(tmp_path), news_task).rows
     a = split_rows(rows, test_ratio=0.15, seed=42)
     b = split_rows(list(reversed(rows)), test_ratio=0.15, seed=42)
     c = split_rows(rows, test_ratio=0.15, seed=7)
@@ -114,6 +121,45 @@ def test_split_is_stratified_seeded_and_order_independent(news_task):
     for label, n in per_label.items():
         assert held[label] == int(n * 0.15 + 0.5), label
     assert [r.id for r in a] == [r.id for r in rows]  # input order kept
+
+
+def test_a_split_named_in_the_input_is_kept_whatever_the_seed(news_task, tmp_path):
+    rows = [
+        {"id": "a", "title": "央行宣布降准", "label": "财经", "split": "test"},
+        {"id": "b", "title": "国足逆转取胜", "label": "体育", "split": "train"},
+    ]
+    path = write_jsonl(tmp_path / "fixed.jsonl", rows)
+    for seed, ratio in [(42, 0.15), (7, 0.5), (0, 0.0)]:
+        split = split_rows(read_inputs(path, news_task).rows, test_ratio=ratio, seed=seed)
+        assert [(r.id, r.split) for r in split] == [("a", "test"), ("b", "train")]
+    more = rows + [
+        {"id": f"x{i}", "title": f"新增训练标题{i}", "label": "财经", "split": "train"}
+        for i in range(20)
+    ]
+    split = split_rows(read_inputs(write_jsonl(path, more), news_task).rows, test_ratio=0.5, seed=1)
+    assert {r.id for r in split if r.split == "test"} == {"a"}  # adding rows moves nothing
+
+
+def test_a_bad_or_partial_split_field_names_the_line(news_task, tmp_path):
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"id": "a", "title": "央行宣布降准", "split": "train"},
+            {"id": "b", "title": "x", "split": "dev"},
+        ],
+    )
+    with pytest.raises(
+        InputError, match=rf"^{path}:2: field 'split' is 'dev'; expected 'train' or"
+    ):
+        read_inputs(path, news_task)
+    path = write_jsonl(
+        tmp_path / "partial.jsonl",
+        [{"id": "a", "title": "央行宣布降准", "split": "test"}, {"id": "b", "title": "国足逆转"}],
+    )
+    with pytest.raises(
+        InputError, match=rf"^{path}:2: no 'split' field, but 1 other rows have one"
+    ):
+        read_inputs(path, news_task)
 
 
 # -- ledger -----------------------------------------------------------------------------

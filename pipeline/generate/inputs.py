@@ -7,7 +7,7 @@ import hashlib
 import json
 import unicodedata
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ class InputRow:
     gold: str | None
     line: int
     split: str = "train"
+    fixed_split: str | None = None  # from the input's split field, when it has one
     messages: list[dict[str, str]] = field(default_factory=list, compare=False)
 
 
@@ -105,6 +106,7 @@ def read_inputs(path: str | Path, task: Task, *, require_gold: bool = False) -> 
                 f"{path}:{line}: missing gold label field '{spec.label_field}' "
                 "(needed by --require-gold-match)"
             )
+        fixed_split = _fixed_split(path, line, record, spec.split_field)
         messages = task.messages(record)
         text = _norm(messages[-1]["content"])
         raw_id = record.get(spec.id_field)
@@ -123,20 +125,49 @@ def read_inputs(path: str | Path, task: Task, *, require_gold: bool = False) -> 
             )
         seen_text[text] = line
         seen_id[row_id] = line
-        rows.append(InputRow(row_id, record, gold, line, messages=messages))
+        row = InputRow(row_id, record, gold, line, fixed_split=fixed_split, messages=messages)
+        rows.append(row)
     if not rows:
         raise InputError(f"{path}: no input rows found")
+    _check_split_all_or_none(path, rows, spec.split_field)
     return Inputs(rows, duplicates)
+
+
+SPLITS = ("train", "test")
+
+
+def _fixed_split(path: Path, line: int, record: dict[str, Any], name: str) -> str | None:
+    value = record.get(name)
+    if value is None:
+        return None
+    if value not in SPLITS:
+        raise InputError(f"{path}:{line}: field '{name}' is {value!r}; expected 'train' or 'test'")
+    return value
+
+
+def _check_split_all_or_none(path: Path, rows: list[InputRow], name: str) -> None:
+    """A split given for some rows but not others is ambiguous: refuse it."""
+    given = [r for r in rows if r.fixed_split is not None]
+    if given and len(given) < len(rows):
+        missing = next(r for r in rows if r.fixed_split is None)
+        raise InputError(
+            f"{path}:{missing.line}: no '{name}' field, but {len(given)} other rows have one; "
+            f"expected every row to name its split ('train' or 'test') or none"
+        )
 
 
 def split_rows(rows: list[InputRow], *, test_ratio: float, seed: int) -> list[InputRow]:
     """Mark a stratified, seeded share of rows as ``test`` (by gold label), in input order.
 
     Which rows are held out depends only on their ids, gold labels and the seed — never on
-    the teacher — so the held-out set is the same whatever the teacher got right.
+    the teacher — so the held-out set is the same whatever the teacher got right. Rows that
+    name their split (the task's ``split_field``) keep it: adding training rows to such a
+    file never moves a held-out row.
     """
     if not 0 <= test_ratio < 1:
         raise ValueError(f"test ratio must be in [0, 1), got {test_ratio}")
+    if rows and all(r.fixed_split for r in rows):
+        return [replace(r, split=r.fixed_split) for r in rows]
     strata: dict[str, list[InputRow]] = defaultdict(list)
     for row in rows:
         strata[row.gold or ""].append(row)
@@ -144,9 +175,4 @@ def split_rows(rows: list[InputRow], *, test_ratio: float, seed: int) -> list[In
     for members in strata.values():
         ranked = sorted(members, key=lambda r: hashlib.sha256(f"{seed}:{r.id}".encode()).digest())
         test_ids.update(r.id for r in ranked[: int(len(members) * test_ratio + 0.5)])
-    return [
-        InputRow(
-            r.id, r.record, r.gold, r.line, "test" if r.id in test_ids else "train", r.messages
-        )
-        for r in rows
-    ]
+    return [replace(r, split="test" if r.id in test_ids else "train") for r in rows]
