@@ -7,6 +7,12 @@ processes. For each in-flight level it prints achieved requests/s divided by the
 (in-flight / latency) and the client's CPU seconds per 1,000 requests (workers included), plus
 the load average: the machine is shared, and a busy neighbour lowers the ratio.
 
+The ``cpu ceiling`` column is what the measured CPU allows even on an idle machine: every
+request of a wave of N answers must be turned around (answer read and stored, next request
+sent; the stand-in parses it) before the next wave is out, which takes at least
+N x (client + stand-in CPU per request) / cores; the last wave finishes that much late, so
+the ratio cannot beat ideal_time / (ideal_time + that).
+
     python bench/generate_throughput.py                       # 6,000 requests, 5 s, 100/500/2000
     python bench/generate_throughput.py --requests 300 --latency 1 --levels 50,150 --workers 2
 """
@@ -29,7 +35,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.generate.client import SHARD_SIZE, RetryPolicy  # noqa: E402
+from pipeline.generate.client import RetryPolicy  # noqa: E402
 from pipeline.generate.run import GenerateOptions, Runner, run_loop, send_requests  # noqa: E402
 from pipeline.generate.teachers import TeachersConfig, TeacherSpec  # noqa: E402
 from pipeline.generate.workers import plan_workers  # noqa: E402
@@ -140,28 +146,27 @@ def run_level(
 
 
 async def sdk_loop(base_url: str, level: int, requests: int, stream: bool) -> None:
-    """The floor: a bare loop of openai-SDK calls, same sharded clients, no pool/ledger/parse."""
+    """The floor: a bare loop of openai-SDK calls on the same transport, no pool/ledger/parse."""
+    import httpx2
     import openai
 
     from pipeline.task import load_task
 
     task = load_task(ROOT / "configs" / "tasks" / "news.yaml")
-    n = -(-level // SHARD_SIZE)
-    clients = [
-        openai.AsyncOpenAI(
-            base_url=base_url,
-            api_key="EMPTY",
-            max_retries=0,
-            http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=SHARD_SIZE)),
-        )
-        for _ in range(n)
-    ]
+    client = openai.AsyncOpenAI(
+        base_url=base_url,
+        api_key="EMPTY",
+        max_retries=0,
+        http_client=openai.DefaultAioHttpClient(
+            limits=httpx2.Limits(max_connections=level, max_keepalive_connections=level)
+        ),
+    )
     sem = asyncio.Semaphore(level)
 
     async def one(i: int) -> None:
         async with sem:
             kw = {"stream_options": {"include_usage": True}} if stream else {}
-            resp = await clients[i % n].chat.completions.create(
+            resp = await client.chat.completions.create(
                 model=MODEL,
                 messages=[],
                 seed=0,
@@ -175,8 +180,7 @@ async def sdk_loop(base_url: str, level: int, requests: int, stream: bool) -> No
                         pass
 
     await asyncio.gather(*(one(i) for i in range(requests)))
-    for c in clients:
-        await c.close()
+    await client.close()
 
 
 def run_baseline(base_url: str, level: int, requests: int, stream: bool) -> dict:
@@ -242,13 +246,16 @@ def main() -> None:
     print(
         f"{'in flight':>9} {'workers':>7} {'req/s':>8} {'ideal':>8} {'ratio':>6} "
         f"{'cpu s/1k req':>13} "
-        f"{'server cpu s/1k':>15} {'retries':>8}"
+        f"{'server cpu s/1k':>15} {'retries':>8} {'cpu ceiling':>11}"
     )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     for level, r, rps, ideal in rows:
+        ideal_s = r["sent"] / ideal
+        wave_s = int(level.split()[0]) * (r["cpu"] + r["server_cpu"]) / r["sent"] / (cores or 1)
         print(
             f"{level:>9} {r['workers']:>7} {rps:>8.1f} {ideal:>8.1f} {rps / ideal:>6.3f} "
             f"{r['cpu'] / r['sent'] * 1000:>13.2f} {r['server_cpu'] / r['sent'] * 1000:>15.2f} "
-            f"{r['retries']:>8}"
+            f"{r['retries']:>8} {ideal_s / (ideal_s + wave_s):>11.3f}"
         )
 
 

@@ -36,7 +36,12 @@ PARAMS = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 8192}
 
 
 def sample_input(tmp_path: Path, n: int, start: int = 0) -> Path:
-    lines = HEADLINES.read_text("utf-8").splitlines()[start : start + n]
+    """n sample rows without their fixed ``split`` column: these tests pick the split with
+    ``--test-ratio`` (and ``--test-ratio 0`` puts every row in train)."""
+    rows = [json.loads(x) for x in HEADLINES.read_text("utf-8").splitlines()[start : start + n]]
+    lines = [
+        json.dumps({k: v for k, v in r.items() if k != "split"}, ensure_ascii=False) for r in rows
+    ]
     path = tmp_path / f"in{n}_{start}.jsonl"
     path.write_text("\n".join(lines) + "\n", "utf-8")
     return path
@@ -117,6 +122,7 @@ def test_faulty_teacher_run_completes_with_right_reasons(standin, tmp_path, news
         == len([r for r in rows if r.split == "train"])
     )
     assert len(test) == stats["inputs"]["test"] > 0
+    assert stats["inputs"]["split"] == "seeded"
     assert set(stats["run"]["retries_by_reason"]) >= {"http_429", "http_500", "empty_body"}
 
     # Retry-After: a 429'd request comes back no sooner than 1 s later.

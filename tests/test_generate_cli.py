@@ -24,7 +24,12 @@ app.command()(generate)
 
 
 def sample_input(tmp_path: Path, n: int, start: int = 0) -> Path:
-    lines = HEADLINES.read_text("utf-8").splitlines()[start : start + n]
+    """n sample rows without their fixed ``split`` column: these tests pick the split with
+    ``--test-ratio`` (and ``--test-ratio 0`` puts every row in train)."""
+    rows = [json.loads(x) for x in HEADLINES.read_text("utf-8").splitlines()[start : start + n]]
+    lines = [
+        json.dumps({k: v for k, v in r.items() if k != "split"}, ensure_ascii=False) for r in rows
+    ]
     path = tmp_path / f"in{n}_{start}.jsonl"
     path.write_text("\n".join(lines) + "\n", "utf-8")
     return path

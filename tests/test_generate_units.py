@@ -300,3 +300,87 @@ def test_workers_share_every_limit_and_keep_the_ledger_model():
     assert all(c.teachers and c.key_model == cfg.key_model == "r1+r1-b" for c, _ in parts)
     with pytest.raises(ValueError, match="no request slot"):
         split_teachers(cfg, 2, 3)
+
+
+def test_workers_take_every_pending_row_exactly_once_from_a_shared_cursor():
+    """Two workers' cursors over one shared index: each row is handed out once, in order,
+    whichever worker asks, and both see the end."""
+    import multiprocessing as mp
+
+    from pipeline.generate.workers import _cursor
+
+    rows = [f"row{i}" for i in range(7)]
+    shared = mp.get_context().Value("q", 0)
+    a, b = _cursor(rows, shared), _cursor(rows, shared)
+    got = [a(), a(), b(), a(), b(), b(), a()]
+    assert got == rows
+    assert a() is None and b() is None
+
+
+def test_sending_gc_restores_the_collector():
+    import gc
+
+    from pipeline.generate.run import GC_THRESHOLD, sending_gc
+
+    before = gc.get_threshold()
+    with sending_gc():
+        assert gc.get_threshold()[0] == GC_THRESHOLD and gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+# -- streamed bodies ----------------------------------------------------------------------
+def _sse(*events: dict | str, sep: bytes = b"\n") -> bytes:
+    out = b""
+    for e in events:
+        data = e if isinstance(e, str) else json.dumps(e, ensure_ascii=False)
+        out += b"data: " + data.encode() + sep + sep
+    return out
+
+
+def test_sse_body_folds_deltas_usage_and_finish_reason():
+    from pipeline.generate.client import parse_sse
+
+    first = {"role": "assistant", "reasoning_content": "想"}
+    body = (
+        b": keep-alive\n\n"
+        + _sse(
+            {"model": "r1", "choices": [{"delta": first}]},
+            {"choices": [{"delta": {"reasoning_content": "一想"}, "finish_reason": None}]},
+            {"choices": [{"delta": {"content": "财经"}, "finish_reason": "stop"}]},
+            {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}},
+            "[DONE]",
+        )
+        + b"data: not json after the end\n\n"
+    )
+    raw = parse_sse(body)
+    assert raw == {
+        "content": "财经",
+        "reasoning_content": "想一想",
+        "reasoning": None,
+        "finish_reason": "stop",
+        "usage": {"prompt_tokens": 9, "completion_tokens": 4},
+        "model": "r1",
+    }
+    # CRLF line ends, event/id fields, an event split over two data lines, no final blank line
+    crlf = (
+        b"event: message\r\nid: 1\r\n"
+        + _sse({"choices": [{"delta": {"reasoning": "a\nb"}}]}, sep=b"\r\n")
+        + b'data: {"choices": [{"delta":\r\ndata: {"content": "x"}}]}'
+    )
+    raw = parse_sse(crlf)
+    assert raw["reasoning"] == "a\nb" and raw["content"] == "x" and raw["finish_reason"] is None
+    assert (
+        parse_sse(b"")
+        == parse_sse(b": keep-alive\n\n")
+        == {
+            "content": "",
+            "reasoning_content": None,
+            "reasoning": None,
+            "finish_reason": None,
+            "usage": None,
+            "model": None,
+        }
+    )
+    for broken in (b"data: {not json\n\n", b'data: {"error": {"message": "x"}}\n\n'):
+        with pytest.raises(ValueError):
+            parse_sse(broken)

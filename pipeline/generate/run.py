@@ -10,8 +10,11 @@ accuracy can be measured on exactly the split the student is evaluated on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,6 @@ from pipeline.generate.writers import alpaca_record, sharegpt_record, write_outp
 from pipeline.task import Task, load_task
 
 LEDGER = "ledger.sqlite"
-LAUNCH_PER_S = 400.0  # pace of a process's first requests (about what one loop can serve)
 
 
 @dataclass
@@ -228,39 +230,51 @@ class Runner:
             self.progress.rejected += 1
         self.progress.done += 1
 
-    async def _worker(self, queue: asyncio.Queue, delay: float = 0.0) -> None:
-        if delay:
-            await asyncio.sleep(delay)
-        while True:
-            try:
-                row = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            if self.progress.stopped:
-                return
+    async def _worker(self, next_row: Callable[[], InputRow | None]) -> None:
+        while not self.progress.stopped and (row := next_row()) is not None:
             await self._row(row)
 
-    async def run_async(self) -> None:
-        """Ask the teacher for every row the ledger cannot answer yet."""
+    async def run_async(self, next_row: Callable[[], InputRow | None] | None = None) -> None:
+        """Ask the teacher for every row the ledger cannot answer yet.
+
+        ``next_row`` hands out the rows to ask about (worker processes share one cursor over
+        the pending rows); by default, this runner's own rows in order.
+        """
         specs = self.opts.teachers.teachers
         self.pool = EndpointPool(specs, global_limit=self.opts.concurrency)
         for ep in self.pool.endpoints:
             ep.client = TeacherClient(ep.spec, timeout=self.opts.timeout, stream=self.opts.stream)
-        queue: asyncio.Queue = asyncio.Queue()
-        for row in self.rows:
-            queue.put_nowait(row)
-        n_workers = max(1, min(self.pool.capacity, len(self.rows)))
+        if next_row is None:
+            rows = iter(self.rows)
+            next_row = lambda: next(rows, None)  # noqa: E731
+            n_rows = len(self.rows)
+        else:
+            n_rows = self.progress.total
+        n_workers = max(1, min(self.pool.capacity, n_rows))
         bar = None if self.opts.quiet else _progress_bar(self)
-        # Staggered start: launching thousands of requests at once makes the event loop
-        # interleave all their sends, so every one reaches the server late, all answers come
-        # back in one burst and the slots stay in lockstep, each wave paying the whole burst's
-        # CPU; started at a pace the loop can serve, they stay spread out.
-        workers = [
-            asyncio.create_task(self._worker(queue, i / LAUNCH_PER_S)) for i in range(n_workers)
-        ]
+        workers: list[asyncio.Task] = []
         try:
             if bar:
                 bar.start()
+            # Self-clocked start: one request is launched per turn of the event loop, so the
+            # first requests reach the server while later ones are still being launched, at
+            # the pace this process can actually serve (no fixed rate to tune per machine).
+            # Launching thousands at once instead runs every request's first step before any
+            # is sent: they all reach the server in one late burst, all answers come back in
+            # one burst, and the waves stay in lockstep, each paying the whole burst's CPU.
+            failed: list[asyncio.Task] = []
+
+            def note_failure(task: asyncio.Task) -> None:
+                if not task.cancelled() and task.exception() is not None:
+                    failed.append(task)
+
+            for _ in range(n_workers):
+                w = asyncio.create_task(self._worker(next_row))
+                w.add_done_callback(note_failure)
+                workers.append(w)
+                await asyncio.sleep(0)
+                if failed:  # a fatal error (bad key, unknown model): start no more requests
+                    break
             await asyncio.gather(*workers)
         finally:
             for w in workers:  # on a fatal error or Ctrl-C: stop the others before closing
@@ -379,13 +393,38 @@ def run_loop(coro) -> Any:
     return uvloop.run(coro)
 
 
+GC_THRESHOLD = 20_000  # allocations between young-generation collections while sending
+
+
+@contextlib.contextmanager
+def sending_gc() -> Iterator[None]:
+    """Garbage-collector settings for the sending phase, restored afterwards.
+
+    Thousands of requests in flight keep hundreds of thousands of objects alive, and with the
+    default thresholds (a collection every 700 allocations) the collector rescans them about
+    every request: measured at 0.2 ms of CPU per request, a fifth of the client's cost. The
+    objects that live through the run (modules, inputs, ledger rows) are frozen out of the
+    collector's view, and young collections run every 20,000 allocations (measured: under
+    0.03 ms per request).
+    """
+    old = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
+
+
 def send_requests(runner: Runner) -> None:
     """Ask the teacher for what the ledger lacks: in this process, or over worker processes."""
     from pipeline.generate.workers import plan_workers, run_in_workers
 
     n = plan_workers(runner)
     if n <= 1:
-        run_loop(runner.run_async())
+        with sending_gc():
+            run_loop(runner.run_async())
     else:
         run_in_workers(runner, n)
 

@@ -122,6 +122,8 @@ def build_stats(runner: Runner, decisions: list[Decision], elapsed: float) -> di
             "duplicates_dropped": runner.duplicates,
             "train": len(train),
             "test": len(test),
+            # "input": every row named its split (--test-ratio and --seed unused)
+            "split": "input" if runner.rows and runner.rows[0].fixed_split else "seeded",
         },
         "complete": all(d.status != "pending" for d in decisions),
         "accepted": len(accepted),

@@ -1,13 +1,15 @@
 """Spread a run's teacher requests over worker processes, so the client can use every core.
 
-The openai SDK + httpx cost a few ms of CPU per streamed request and one event loop lives on
-one core, so at thousands of requests in flight a single process, not the teacher, sets the
-pace. With ``--workers N`` (auto: ``min(cpu_count, ceil(capacity / 2500),
-ceil(pending rows / 2500))``, so most runs stay in one process) the parent:
+The openai SDK and its HTTP transport cost about 1 ms of CPU per streamed request and one
+event loop lives on one core, so at thousands of requests in flight a single process, not the
+teacher, sets the pace. With ``--workers N`` (auto: ``min(cores, ceil(capacity / 1000),
+ceil(pending rows / 1000))``, so most runs stay in one process) the parent:
 
-* decides from the ledger which rows still need the teacher and deals them round-robin to N
-  forked workers (spawned where fork does not exist), each with its own event loop (uvloop
-  when installed) and its own ``AsyncOpenAI`` clients;
+* decides from the ledger which rows still need the teacher and forks N workers (spawned
+  where fork does not exist), each with its own event loop (uvloop when installed) and its
+  own ``AsyncOpenAI`` client; the workers take the pending rows one at a time from a cursor
+  they share, so a worker that gets more CPU (or fewer retries) does more of the work and
+  none sits idle at the end while another still has a backlog;
 * gives every worker 1/N of each endpoint's ``max_concurrency`` (and the same share of its
   rpm/tpm) and of the global cap, so the sums are what the user asked for; each worker's pool
   adapts to 429s on its own share;
@@ -33,13 +35,14 @@ import sys
 import threading
 import traceback
 from collections import Counter
+from collections.abc import Callable
 
 from pipeline.generate.teachers import EndpointPool, TeachersConfig, TeacherSpec
 
-# auto: one more worker per this many requests in flight / pending rows. Measured on an idle
-# 2-core machine (stand-in at 5 s in its own process, 6,000 requests, 2,000 in flight): one
-# process reached 0.72 of ideal, two 0.83. Under heavy load from other processes two did
-# worse than one (0.48-0.61 vs 0.70), so below 1,000 slots one process stays the default.
+# auto: one more worker per this many requests in flight / pending rows. Each wave of N
+# answers costs about N x (client + stand-in CPU per request) to turn around, spread over the
+# cores, so at 2,000 in flight one process (one core) stretches every wave twice as long as
+# two; below 1,000 slots one process keeps up and stays the default.
 ROWS_PER_WORKER = 1000
 REPORT_S = 0.25  # how often a worker reports its counters to the parent
 
@@ -57,11 +60,19 @@ def plan_workers(runner) -> int:
         n = opts.workers
     else:
         n = min(
-            os.cpu_count() or 1,
+            _cores(),
             math.ceil(capacity / ROWS_PER_WORKER),
             math.ceil(pending / ROWS_PER_WORKER),
         )
     return max(1, min(n, capacity, pending))
+
+
+def _cores() -> int:
+    """CPU cores this process may run on (a container's or ``taskset``'s share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _decisions(runner):
@@ -162,22 +173,40 @@ def _worker_runner(source, opts, row_ids: list[str], shared):
         runner.opts, runner.pool, runner.failed_this_run = opts, None, set()
     else:
         runner = Runner(opts)
-    mine = set(row_ids)
-    runner.rows = [r for r in runner.rows if r.id in mine]
+    by_id = {r.id: r for r in runner.rows}
+    runner.rows = [by_id[i] for i in row_ids]  # every pending row, in the parent's order
     runner.progress = Progress(total=len(runner.rows))
     runner.shared = shared
     return runner
 
 
-def worker_main(source, opts, row_ids: list[str], shared, conn) -> None:
-    """Entry point of one worker: run the given rows, report counters, then a final summary."""
+def _cursor(rows: list, cursor) -> Callable:
+    """``next_row`` over ``rows`` for one worker: the index is shared by all workers, so a
+    worker that gets ahead (more CPU, fewer retries) takes more rows and none waits at the end
+    for another's backlog."""
+
+    def next_row():
+        with cursor.get_lock():
+            i = cursor.value
+            if i >= len(rows):
+                return None
+            cursor.value = i + 1
+        return rows[i]
+
+    return next_row
+
+
+def worker_main(source, opts, row_ids: list[str], shared, cursor, conn) -> None:
+    """Entry point of one worker: run pending rows taken from the shared ``cursor``, report
+    counters, then a final summary."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     try:
         from pipeline.generate.client import FatalError
-        from pipeline.generate.run import run_loop
+        from pipeline.generate.run import run_loop, sending_gc
 
         runner = _worker_runner(source, opts, row_ids, shared)
+        next_row = _cursor(runner.rows, cursor)
 
         async def main() -> None:
             import asyncio
@@ -190,12 +219,13 @@ def worker_main(source, opts, row_ids: list[str], shared, conn) -> None:
 
             reporter = asyncio.create_task(report())
             try:
-                await runner.run_async()
+                await runner.run_async(next_row)
             finally:
                 reporter.cancel()
 
         try:
-            run_loop(main())
+            with sending_gc():
+                run_loop(main())
         except FatalError as e:
             conn.send(("fatal", str(e)))
             return
@@ -228,7 +258,7 @@ def worker_main(source, opts, row_ids: list[str], shared, conn) -> None:
 
 def run_in_workers(runner, n: int) -> None:
     """Send the runner's pending rows through ``n`` worker processes; fold their results in."""
-    from pipeline.generate.client import FatalError
+    from pipeline.generate.client import FatalError, tls_context
     from pipeline.generate.run import _progress_bar
 
     opts = runner.opts
@@ -253,6 +283,9 @@ def run_in_workers(runner, n: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     shared = ctx.Array("q", 2)  # requests sent, tokens used: by all workers together
+    cursor = ctx.Value("q", 0)  # index of the next pending row to hand out
+    if any(t.base_url.lower().startswith("https:") for t in opts.teachers.teachers):
+        tls_context()  # built once here, inherited by forked workers
     procs, conns = [], []
     for i, (cfg, cap) in enumerate(parts):
         wopts = dataclasses.replace(
@@ -261,7 +294,7 @@ def run_in_workers(runner, n: int) -> None:
         parent_end, child_end = ctx.Pipe(duplex=False)
         proc = ctx.Process(
             target=worker_main,
-            args=(runner if forked else None, wopts, pending[i::n], shared, child_end),
+            args=(runner if forked else None, wopts, pending, shared, cursor, child_end),
             name=f"generate-worker-{i}",
             daemon=True,
         )
