@@ -178,10 +178,10 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float, headers=None) -> N
     raise RuntimeError(f"{url}: not up after {timeout:.0f}s")
 
 
-def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def start(argv: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> subprocess.Popen:
     with log.open("wb") as out:
         return subprocess.Popen(
-            argv, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+            argv, cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
         )
 
 
@@ -288,7 +288,8 @@ def plot(results: dict[str, dict[str, list]], path: Path) -> None:
     ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, (title, values) in zip(axes, panels, strict=True):
-        bars = ax.bar(names, values, color=["#888888", "#2b7bba", "#d9822b"][: len(names)])
+        colors = {"direct": "#888888", "gateway": "#2b7bba", "baseline": "#7fb3d5"}
+        bars = ax.bar(names, values, color=[colors.get(n, "#d9822b") for n in names])
         ax.set_yscale("log")
         ax.set_title(title)
         ax.bar_label(bars, labels=[f"{v:.3g}" for v in values])
@@ -308,6 +309,12 @@ def main() -> None:
     )
     parser.add_argument("--install-litellm", action="store_true")
     parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a directory holding another version's `gateway` package (e.g. an export of "
+        "the previous commit): run it too, as `baseline`, for an A/B in the same run",
+    )
     parser.add_argument(
         "--png", type=Path, default=ROOT / "runs" / "bench" / "gateway_overhead.png"
     )
@@ -338,6 +345,17 @@ def main() -> None:
             wait_up(f"http://127.0.0.1:{stub_port}/health", stub, 30)
             wait_up(f"http://127.0.0.1:{gw_port}/health", gw, 30)
             targets = [Target("direct", stub_port), Target("gateway", gw_port, "sk-bench")]
+            if args.baseline is not None:
+                base_port = free_port()
+                base_env = {**gw_env, "GATEWAY_PORT": str(base_port)}
+                baseline = args.baseline.resolve()  # its `gateway` first, our `pipeline`
+                base_env["PYTHONPATH"] = os.pathsep.join([str(baseline), str(ROOT)])
+                base_env["GATEWAY_ACCESS_LOG"] = str(tmp / "access-baseline.jsonl")
+                argv = [sys.executable, "-m", "gateway"]
+                base = start(argv, base_env, tmp / "baseline.log", cwd=baseline)
+                procs.append(base)
+                wait_up(f"http://127.0.0.1:{base_port}/health", base, 30)
+                targets.append(Target("baseline", base_port, "sk-bench"))
             skipped = "--no-litellm" if args.no_litellm else ""
             if not args.no_litellm:
                 if args.install_litellm and not (LITELLM_VENV / "bin" / "litellm").exists():

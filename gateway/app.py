@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator, KeyState, load_keys
+from gateway.httpclient import ReadTimeout, UpstreamError
+from gateway.httpclient import Response as UpstreamResponse
 from gateway.metrics import CONTENT_TYPE, KnownModels, Metrics
 from gateway.modes import Outcome, StreamShaper, resolve_mode, shape_completion, upstream_body
 from gateway.protocol import (
@@ -426,16 +427,21 @@ async def _chat(gw: Gateway, request: Request) -> Response:
 async def _complete(gw: Gateway, payload: bytes) -> tuple[int, bytes, Any]:
     """One non-streamed upstream call: (status, body, headers)."""
     up, response = await gw.pool.open(payload)
+    return response.status, await _read_all(up, response), response.headers
+
+
+async def _read_all(up: Upstream, response: UpstreamResponse) -> bytes:
+    """The response's whole body; the upstream is done with either way."""
     complete = False
     try:
         raw = await response.read()
         complete = True
-        return response.status, raw, response.headers
-    except aiohttp.SocketTimeoutError:
+        return raw
+    except ReadTimeout:
         raise GatewayError(
             504, "the model server sent no response in time", reason="first_byte_timeout"
         ) from None
-    except aiohttp.ClientError:
+    except UpstreamError:
         raise GatewayError(502, "the model server closed the connection", reason="closed") from None
     finally:  # an unfinished read (timeout, client gone) closes: vLLM then aborts
         if complete:
@@ -463,11 +469,7 @@ async def _open_stream(
         async with asyncio.timeout(settings.total_timeout):
             up, response = await _race_disconnect(gw.pool.open(payload), request.receive)
             if response.status != 200:
-                try:
-                    raw = await response.read()
-                finally:
-                    response.release()
-                    up.in_flight -= 1
+                raw = await _read_all(up, response)
                 raise _upstream_error(response.status, raw, response.headers)
     except BaseException:
         key.release()
@@ -503,7 +505,7 @@ class _Relay:
         self,
         gw: Gateway,
         upstream: Upstream,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
         shaper: StreamShaper,
         upstream_wait: float,
     ) -> None:
@@ -521,7 +523,7 @@ class _Relay:
         close it (which makes vLLM abort the generation and free the slot)."""
         if not self._released:
             self._released = True
-            if self.shaper.finished and self.response.content.at_eof():
+            if self.shaper.finished and self.response.complete:
                 self.response.release()
             else:
                 self.response.close()
@@ -529,7 +531,7 @@ class _Relay:
 
     async def _reads(self) -> AsyncIterator[bytes]:
         """Upstream body pieces; in hide mode an empty piece marks a keep-alive tick."""
-        chunks = self.response.content.iter_any().__aiter__()
+        chunks = self.response.chunks().__aiter__()
         perf = time.perf_counter
         if self.shaper.mode != "hide":
             while True:
@@ -602,9 +604,9 @@ class _Relay:
                 raise GatewayError(502, "the model server ended the stream early", reason="closed")
         except GatewayError as err:
             yield self._fail(err.status, err.reason or "bad_response", err.message)
-        except aiohttp.SocketTimeoutError:  # before TimeoutError: it is one
+        except ReadTimeout:
             yield self._fail(504, "first_byte_timeout", "the model server stopped sending")
-        except aiohttp.ClientError:
+        except UpstreamError:
             yield self._fail(502, "closed", "the model server closed the stream")
         except TimeoutError:
             yield self._fail(504, "total_timeout", "the model server took too long")

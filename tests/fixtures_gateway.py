@@ -10,10 +10,12 @@ Usage::
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -166,3 +168,24 @@ def standin_factory(tmp_path: Path) -> Iterator[Callable[..., StandinServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@contextmanager
+def connect_hangs() -> Iterator[str]:
+    """The base URL of an address whose TCP connect hangs: a listener that never accepts,
+    its accept queue (backlog 0 holds one connection) filled first, so the kernel drops
+    every further SYN and the connecting side keeps retrying."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port), timeout=5)
+    probe = socket.socket()
+    probe.settimeout(0.2)
+    try:
+        with pytest.raises(TimeoutError):  # the trick works on this kernel
+            probe.connect(("127.0.0.1", port))
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        for sock in (probe, filler, listener):
+            sock.close()

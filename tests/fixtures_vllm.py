@@ -179,7 +179,7 @@ def vllm_server(tiny_student, tmp_path_factory):
             served_model_name="student",
             host="127.0.0.1",
             port=free_port(),
-            max_model_len=512,
+            max_model_len=2048,  # the tiny model's own limit: long generations for abort tests
             log_path=log,
             startup_timeout=240,
         ) as server:

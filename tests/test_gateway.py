@@ -16,6 +16,7 @@ import pytest
 from pipeline.standin.faults import request_key
 from pipeline.think import format_answer, split_think
 from tests.conftest import ROOT, free_port
+from tests.fixtures_gateway import connect_hangs
 
 pytestmark = pytest.mark.slow
 
@@ -391,18 +392,71 @@ def test_all_upstreams_down_is_503_and_not_ready(gateway):
     assert httpx.get(gw.root_url + "/health").status_code == 200
 
 
+def assert_timeout_error(r: httpx.Response) -> None:
+    """A 504 in OpenAI's error shape."""
+    assert r.status_code == 504, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("timeout", "upstream_timeout")
+
+
 def test_first_byte_and_total_timeouts_are_504(gateway, standin_factory):
     slow = standin_factory(reasoning_format="inline", latency_ms=3000)
+    url_body = {"model": slow.model, "messages": QUESTION}
     gw = gateway(upstreams=slow.base_url, first_byte_timeout=0.3)
-    started = time.monotonic()
+    for stream in (False, True):
+        started = time.monotonic()
+        r = httpx.post(gw.base_url + "/chat/completions", json={**url_body, "stream": stream})
+        assert_timeout_error(r)
+        assert time.monotonic() - started < 2
     with pytest.raises(openai.APIStatusError) as err:
         sdk(gw).chat.completions.create(model=slow.model, messages=QUESTION)
-    assert err.value.status_code == 504 and time.monotonic() - started < 2
+    assert err.value.status_code == 504
+    assert 'gateway_upstream_errors_total{reason="first_byte_timeout"} 3.0' in gw.metrics()
+
     gw2 = gateway(upstreams=slow.base_url, total_timeout=0.3)
-    r = httpx.post(
-        gw2.base_url + "/chat/completions", json={"model": slow.model, "messages": QUESTION}
-    )
-    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+    started = time.monotonic()
+    assert_timeout_error(httpx.post(gw2.base_url + "/chat/completions", json=url_body))
+    assert time.monotonic() - started < 2
+    assert 'gateway_upstream_errors_total{reason="total_timeout"} 1.0' in gw2.metrics()
+
+
+def test_connect_timeout_is_504_in_openai_shape(gateway):
+    with connect_hangs() as hanging:
+        gw = gateway(upstreams=hanging, connect_timeout=0.3)
+        body = {"model": "m", "messages": QUESTION}
+        for stream in (False, True):
+            started = time.monotonic()
+            r = httpx.post(gw.base_url + "/chat/completions", json={**body, "stream": stream})
+            assert_timeout_error(r)
+            assert 0.3 <= time.monotonic() - started < 2
+        text = gw.metrics()
+    assert 'gateway_upstream_errors_total{reason="connect_timeout"} 2.0' in text
+    assert [row["status"] for row in gw.log_rows()] == [504, 504]
+
+
+def test_connect_timeout_is_retried_on_another_upstream(gateway, standin_factory):
+    fast = standin_factory(reasoning_format="inline")
+    with connect_hangs() as hanging:
+        gw = gateway(upstreams=f"{hanging},{fast.base_url}", connect_timeout=0.3)
+        client = sdk(gw)
+        # Both upstreams idle: ties are rotated, so one of the first two tries the hanging
+        # one first; after its connect timeout it is tried last for a while.
+        for i in range(4):
+            started = time.monotonic()
+            messages = [{"role": "user", "content": f"标题：第{i}条体育新闻"}]
+            out = client.chat.completions.create(model=fast.model, messages=messages)
+            assert out.choices[0].message.content
+            assert time.monotonic() - started < 0.3 + 1.5
+        text = gw.metrics()
+    timeouts = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('gateway_upstream_errors_total{reason="connect_timeout"}')
+    ]
+    assert timeouts and timeouts[0] >= 1  # the hanging upstream was tried, and skipped
+    assert len(fast.requests()) == 4
+    assert [row["status"] for row in gw.log_rows()] == [200] * 4
 
 
 def test_upstream_dying_mid_stream_gives_an_error_event_fast(gateway, standin_factory):
