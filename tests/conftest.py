@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -21,6 +22,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def sample_input(tmp_path: Path, n: int | None = None, start: int = 0) -> Path:
+    """``n`` of the shipped headlines from ``start`` (all by default) without their fixed
+    ``split`` column, written to a JSONL file: tests pick the split with ``--test-ratio``
+    (and ``--test-ratio 0`` puts every row in train)."""
+    lines = HEADLINES.read_text("utf-8").splitlines()[start : None if n is None else start + n]
+    rows = [{k: v for k, v in json.loads(x).items() if k != "split"} for x in lines]
+    path = tmp_path / f"in{n}_{start}.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")

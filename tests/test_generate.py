@@ -21,7 +21,7 @@ from pipeline.generate.teachers import TeachersConfig, TeacherSpec
 from pipeline.standin.faults import FaultPlan
 from pipeline.standin.faults import request_key as standin_key
 from pipeline.think import is_canonical
-from tests.conftest import HEADLINES, NEWS_TASK
+from tests.conftest import NEWS_TASK, sample_input
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -33,18 +33,6 @@ DATA_FILES = [
     "rejects.jsonl",
 ]
 PARAMS = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 8192}
-
-
-def sample_input(tmp_path: Path, n: int, start: int = 0) -> Path:
-    """n sample rows without their fixed ``split`` column: these tests pick the split with
-    ``--test-ratio`` (and ``--test-ratio 0`` puts every row in train)."""
-    rows = [json.loads(x) for x in HEADLINES.read_text("utf-8").splitlines()[start : start + n]]
-    lines = [
-        json.dumps({k: v for k, v in r.items() if k != "split"}, ensure_ascii=False) for r in rows
-    ]
-    path = tmp_path / f"in{n}_{start}.jsonl"
-    path.write_text("\n".join(lines) + "\n", "utf-8")
-    return path
 
 
 def options(srv, inp: Path, out: Path, **kw) -> GenerateOptions:

@@ -14,25 +14,13 @@ import typer
 from typer.testing import CliRunner
 
 from pipeline.generate.command import generate
-from tests.conftest import HEADLINES, NEWS_TASK
+from tests.conftest import HEADLINES, NEWS_TASK, sample_input
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 SECRET = "sk-SENTINEL-7f3a9c1e55d0b2"
 app = typer.Typer()
 app.command()(generate)
-
-
-def sample_input(tmp_path: Path, n: int, start: int = 0) -> Path:
-    """n sample rows without their fixed ``split`` column: these tests pick the split with
-    ``--test-ratio`` (and ``--test-ratio 0`` puts every row in train)."""
-    rows = [json.loads(x) for x in HEADLINES.read_text("utf-8").splitlines()[start : start + n]]
-    lines = [
-        json.dumps({k: v for k, v in r.items() if k != "split"}, ensure_ascii=False) for r in rows
-    ]
-    path = tmp_path / f"in{n}_{start}.jsonl"
-    path.write_text("\n".join(lines) + "\n", "utf-8")
-    return path
 
 
 def invoke(srv, inp: Path, out: Path, *extra: str, env: dict | None = None):

@@ -18,7 +18,7 @@ from pipeline.generate.teachers import (
     TeacherSpec,
     load_teachers,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sample_input
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -101,15 +101,8 @@ def test_csv_with_configured_field_names(tmp_path, news_task):
         read_inputs(path, task)
 
 
-def _without_split(tmp_path: Path) -> Path:
-    """The shipped headlines with their fixed ``split`` field removed."""
-    lines = (ROOT / "data" / "news" / "headlines.jsonl").read_text("utf-8").splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
-    return write_jsonl(tmp_path / "h.jsonl", [{**r, "split": None} for r in records])
-
-
 def test_split_is_stratified_seeded_and_order_independent(news_task, tmp_path):
-    rows = read_inputs(_without_split(tmp_path), news_task).rows
+    rows = read_inputs(sample_input(tmp_path), news_task).rows
     a = split_rows(rows, test_ratio=0.15, seed=42)
     b = split_rows(list(reversed(rows)), test_ratio=0.15, seed=42)
     c = split_rows(rows, test_ratio=0.15, seed=7)

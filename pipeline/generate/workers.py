@@ -55,7 +55,7 @@ def plan_workers(runner) -> int:
     """How many processes send requests: ``opts.workers``, or auto (1 for small runs)."""
     opts = runner.opts
     capacity = EndpointPool(opts.teachers.teachers, global_limit=opts.concurrency).capacity
-    pending = sum(d.status == "pending" for d in _decisions(runner))
+    pending = sum(d.status == "pending" for d in runner.decisions())
     if opts.workers is not None:
         n = opts.workers
     else:
@@ -73,22 +73,6 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def _decisions(runner):
-    from pipeline.generate.run import decide
-
-    return [
-        decide(
-            r,
-            runner.task,
-            runner.stored,
-            runner.keys[r.id],
-            require_gold=runner.opts.require_gold_match,
-            final_failures=set(),
-        )
-        for r in runner.rows
-    ]
 
 
 def _share(total: int, n: int, i: int) -> int:
@@ -264,7 +248,7 @@ def run_in_workers(runner, n: int) -> None:
     opts = runner.opts
     p = runner.progress
     pending = []
-    for d in _decisions(runner):
+    for d in runner.decisions():
         if d.status == "pending":
             pending.append(d.row.id)
         else:  # answered by the ledger already: counted here, as the in-process path does
