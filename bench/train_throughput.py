@@ -5,9 +5,10 @@ LoRA on it as ``configs/train/qwen2.5-7b-lora.yaml`` does (r 8, alpha 16, all li
 and times optimizer steps in bf16 on the same synthetic documents (lengths like our distilled
 answers) batched two ways, side by side:
 
-* ``packed``: documents concatenated into rows of ``--seq-len`` tokens, no padding (with
-  flash-attention 2 installed, position ids restart per document and each document attends
-  only to itself; with SDPA the row is one causal sequence, as in LLaMA-Factory's packing);
+* ``packed``: documents concatenated into rows of ``--seq-len`` tokens, no padding. With
+  ``--attn varlen`` (PyTorch's own flash varlen kernel, ``pipeline/train/varlen.py``) or
+  flash-attention 2, position ids restart per document and each document attends only to
+  itself; with SDPA the row is one causal sequence, as in LLaMA-Factory's packing;
 * ``padded``: the same documents, ``--batch`` at a time, padded to the longest.
 
 Prints tokens/s (real tokens, padding excluded), the packed/padded ratio, the ratio to the
@@ -17,7 +18,7 @@ attention, against the GPU's dense bf16 peak; ``6·N`` (the full-fine-tune conve
 published figures use) is printed alongside.
 
     python bench/train_throughput.py            # one GPU, 7B shape, ~1 min on an H100/H200
-    python bench/train_throughput.py --compile --liger ce --rows 2   # fastest measured
+    python bench/train_throughput.py --compile --liger ce --rows 2 --attn varlen  # fastest
     python bench/train_throughput.py --tiny     # CPU, tiny shape, seconds (CI)
 
 Needs torch, transformers and peft; ``--liger`` also needs liger-kernel (pure Python, triton).
@@ -29,7 +30,11 @@ import argparse
 import itertools
 import math
 import random
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's pipeline package
 
 GOAL_TOKENS_PER_S = 14_000
 PEAK_BF16_TFLOPS = {
@@ -77,6 +82,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--rows", type=int, default=1, help="packed rows per step (default 1)")
     p.add_argument(
+        "--attn",
+        choices=["auto", "sdpa", "varlen", "flash_attention_2"],
+        default="auto",
+        help="attention: auto = flash_attention_2 if installed, else sdpa; varlen = PyTorch's "
+        "flash varlen kernel, one document per attention (torch >= 2.10 on GPU)",
+    )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["packed", "padded"],
+        default=["packed", "padded"],
+        help="batching modes to time (default both)",
+    )
+    p.add_argument(
         "--compile", action="store_true", help="torch.compile each decoder layer (regional)"
     )
     p.add_argument(
@@ -97,14 +116,19 @@ def build_model(args, device: str):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    attn = "sdpa"
-    if device == "cuda":
+    attn = "sdpa" if args.attn == "auto" else args.attn
+    if args.attn == "auto" and device == "cuda":
         try:
             import flash_attn  # noqa: F401
 
             attn = "flash_attention_2"
         except ImportError:
             pass
+    if attn == "varlen":
+        from pipeline.train.varlen import parity, register
+
+        register()
+        print(f"varlen kernel vs per-document SDPA (fp32): max |Δ| = {parity(device):.1e}")
     if args.liger:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
 
@@ -160,6 +184,13 @@ def packed_batches(docs, seq_len: int, rows: int):
         yield batch
 
 
+def split_pieces(row) -> list[list[int]]:
+    """The documents (or their pieces) in one packed row."""
+    ids, pos = row
+    starts = [i for i, p in enumerate(pos) if p == 0] + [len(ids)]
+    return [ids[a:b] for a, b in itertools.pairwise(starts)]
+
+
 def padded_batches(docs, batch: int, seq_len: int):
     for i in range(0, len(docs) - batch + 1, batch):
         yield [d[:seq_len] for d in docs[i : i + batch]]
@@ -192,6 +223,8 @@ def run_mode(model, opt, batches, steps: int, warmup: int, device: str, make_inp
 def main() -> None:
     import torch
 
+    from pipeline.train.varlen import packed_kwargs
+
     args = parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     seq_len = args.seq_len or (512 if args.tiny else 4096)
@@ -217,8 +250,11 @@ def main() -> None:
     def packed_inputs(rows):
         t = torch.tensor([ids for ids, _ in rows], device=device)
         inputs = {"input_ids": t, "labels": t}
-        if attn == "flash_attention_2":  # varlen kernels: documents stay separate
-            inputs["position_ids"] = torch.tensor([pos for _, pos in rows], device=device)
+        if attn in ("flash_attention_2", "varlen"):  # varlen kernels: documents stay separate
+            pos = torch.tensor([pos for _, pos in rows], device=device)
+            inputs["position_ids"] = pos
+            if attn == "varlen":  # offsets once per step; the row length bounds every document
+                inputs.update(packed_kwargs(pos, max_length=seq_len))
         return inputs, t.numel()
 
     def padded_inputs(rows):
@@ -233,10 +269,13 @@ def main() -> None:
         return {k: v.to(device) for k, v in inputs.items()}, int(mask.sum())
 
     results = {}
-    for name, batches, make in [
+    modes = [
         ("packed", packed_batches(docs, seq_len, args.rows), packed_inputs),
         ("padded", padded_batches(docs, batch, seq_len), padded_inputs),
-    ]:
+    ]
+    for name, batches, make in [m for m in modes if m[0] in args.modes]:
+        if name == "padded" and attn == "varlen":  # padding needs a mask: SDPA takes over
+            model.config._attn_implementation = "sdpa"
         results[name] = run_mode(model, opt, batches, steps, args.warmup, device, make)
         mem = (
             f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
@@ -246,9 +285,18 @@ def main() -> None:
         print(f"{name:>7}: {results[name]:>10,.0f} tokens/s{mem}")
 
     layers, hidden = config.num_hidden_layers, config.hidden_size
-    attn_flops = 6 * layers * hidden * seq_len  # fwd+bwd causal attention per token (≈ 12·L·H·T/2)
+    # fwd+bwd causal attention per token ≈ 12·L·H·context/2, where context is the row length when
+    # the row is one sequence, and Σlen²/Σlen over the pieces when each document is on its own
+    pieces = [len(p) for rows in packed_batches(docs, seq_len, 1) for p in split_pieces(rows[0])]
+    context = seq_len
+    if attn in ("flash_attention_2", "varlen"):
+        context = sum(n * n for n in pieces) / sum(pieces)
+    attn_flops = 6 * layers * hidden * context
     useful = 4 * n_params + attn_flops
-    print(f"  ratio packed/padded: {results['packed'] / results['padded']:.2f}x")
+    if len(results) == 2:
+        print(f"  ratio packed/padded: {results['packed'] / results['padded']:.2f}x")
+    if "packed" not in results:
+        return
     print(
         f"  packed vs goal {GOAL_TOKENS_PER_S:,} tokens/s: "
         f"{results['packed'] / GOAL_TOKENS_PER_S:.2f}x"
@@ -262,7 +310,7 @@ def main() -> None:
         mfu6 = results["packed"] * (6 * n_params + attn_flops) / (peak * 1e12)
         print(
             f"  MFU (packed, 4N+attn): {mfu4:.1%}   [6N convention: {mfu6:.1%}]  "
-            f"peak {peak:g} TFLOPS"
+            f"peak {peak:g} TFLOPS; attention context {context:,.0f} tokens"
         )
     else:
         print("  MFU: unknown peak for this device (pass --peak-tflops)")

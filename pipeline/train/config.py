@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.yamlfile import load_yaml_model
 
@@ -48,7 +48,13 @@ class TrainConfig(BaseModel):
         None, ge=8, description="max tokens per example; empty = cover `cutoff_percentile`"
     )
     cutoff_percentile: float = Field(99, gt=0, le=100)
-    padding_free: bool = Field(False, description="concatenate a batch without padding (GPU)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "varlen"] = Field(
+        "sdpa",
+        description="varlen = PyTorch's flash varlen kernel (GPU, torch >= 2.10), no extra wheel",
+    )
+    padding_free: bool = Field(
+        False, description="concatenate a batch without padding; needs varlen or flash_attention_2"
+    )
     gradient_checkpointing: bool = False
     seed: int = 42
     logging_steps: int = Field(10, ge=1)
@@ -59,6 +65,15 @@ class TrainConfig(BaseModel):
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for torch; empty = torch's default (all cores)"
     )
+
+    @model_validator(mode="after")
+    def _padding_free_keeps_documents_apart(self) -> TrainConfig:
+        if self.padding_free and self.attn_implementation not in ("varlen", "flash_attention_2"):
+            raise ValueError(
+                "padding_free needs attn_implementation varlen or flash_attention_2; with "
+                f"{self.attn_implementation} the concatenated examples would attend to each other"
+            )
+        return self
 
 
 def load_config(path: str | Path) -> TrainConfig:

@@ -165,8 +165,14 @@ def train(
     bf16 = config.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if config.bf16 and not bf16:
         console.print("[yellow]bf16 requested but no GPU supports it here: training in fp32[/]")
+    if config.attn_implementation == "varlen":
+        from pipeline.train.varlen import register
+
+        register()
     model = AutoModelForCausalLM.from_pretrained(
-        base, dtype=torch.bfloat16 if bf16 else torch.float32
+        base,
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+        attn_implementation=config.attn_implementation,
     )
     lora = LoraConfig(
         r=config.lora.r,
