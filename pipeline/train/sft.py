@@ -205,6 +205,7 @@ def train(
         data_seed=config.seed,
         report_to="none",
         dataloader_num_workers=config.dataloader_num_workers,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used; skip DDP's graph walk
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = SFTTrainer(
