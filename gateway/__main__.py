@@ -98,6 +98,7 @@ def main() -> None:
         access_log=False,
         log_level=settings.log_level,
         server_header=False,
+        proxy_headers=False,  # the gateway reads neither the client address nor the scheme
         date_header=False,
         backlog=4096,
         timeout_keep_alive=75,

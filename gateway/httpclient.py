@@ -107,12 +107,14 @@ class _Connection(asyncio.Protocol):
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
-        names = {name.lower() for name, _ in self.header_list}
-        chunked = any(
-            n.lower() == b"transfer-encoding" and b"chunked" in v.lower()
-            for n, v in self.header_list
-        )
-        self.until_close = b"content-length" not in names and not chunked
+        self.until_close = True  # unless a length or chunked framing is announced
+        for name, value in self.header_list:
+            name = name.lower()
+            if name == b"content-length" or (
+                name == b"transfer-encoding" and b"chunked" in value.lower()
+            ):
+                self.until_close = False
+                break
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -316,11 +318,11 @@ class Pool:
             raise ConnectError(f"cannot connect to {self.host}:{self.port}: {e}") from None
         return conn
 
-    def _reuse(self, now: float) -> _Connection | None:
+    def _reuse(self) -> _Connection | None:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < self.keepalive_s:
+            if not conn.closed and conn.loop.time() - conn.idle_since < self.keepalive_s:
                 return conn
             conn.close()
         return None
@@ -334,11 +336,10 @@ class Pool:
         ``Disconnected(reused=True)`` (safe to send again on a fresh one). Cancelling
         this closes the connection.
         """
-        loop = asyncio.get_running_loop()
-        conn = self._reuse(loop.time()) or await self._connect(loop)
+        conn = self._reuse() or await self._connect(asyncio.get_running_loop())
         conn._reset()
         conn.used += 1
-        conn.last_data = loop.time()
+        conn.last_data = conn.loop.time()
         head = self._head(method, path, content_type)
         try:
             conn.transport.write(  # type: ignore[union-attr]

@@ -81,6 +81,10 @@ class Metrics:
         self.in_flight = Gauge(
             p + "in_flight_requests", "Chat requests being answered now.", registry=registry
         )
+        # The request path counts in a plain int (one event loop, no lock per request);
+        # the gauge reads it at scrape time.
+        self.in_flight_now = 0
+        self.in_flight.set_function(lambda: self.in_flight_now)
         self.upstream_errors = Counter(
             p + "upstream_errors",
             "Upstream failures by reason.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -457,6 +458,26 @@ def test_connect_timeout_is_retried_on_another_upstream(gateway, standin_factory
     assert timeouts and timeouts[0] >= 1  # the hanging upstream was tried, and skipped
     assert len(fast.requests()) == 4
     assert [row["status"] for row in gw.log_rows()] == [200] * 4
+
+
+def test_non_streaming_client_hang_up_is_noticed_at_once(gateway, standin_factory):
+    """A client that hangs up while the upstream works is logged as 499 at once (the
+    upstream call is cancelled, not waited for) and leaves nothing in flight."""
+    slow = standin_factory(reasoning_format="inline", latency_ms=3000)
+    gw = gateway(upstreams=slow.base_url)
+    body = orjson.dumps({"model": slow.model, "messages": QUESTION})
+    port = int(gw.root_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        time.sleep(0.3)
+    hung_up = time.monotonic()
+    row = eventually(lambda: gw.log_rows()[-1], timeout=2.5)
+    assert time.monotonic() - hung_up < 1.5  # not after the upstream's 3 s
+    assert (row["status"], row["error"]) == (499, "client_disconnected")
+    assert "gateway_in_flight_requests 0.0" in gw.metrics()
 
 
 def test_upstream_dying_mid_stream_gives_an_error_event_fast(gateway, standin_factory):
