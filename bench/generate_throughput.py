@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.generate.client import RetryPolicy  # noqa: E402
 from pipeline.generate.run import GenerateOptions, Runner, run_loop, send_requests  # noqa: E402
 from pipeline.generate.teachers import TeachersConfig, TeacherSpec  # noqa: E402
-from pipeline.generate.workers import plan_workers  # noqa: E402
+from pipeline.generate.workers import available_cores, plan_workers  # noqa: E402
 
 MODEL = "deepseek-r1-standin"
 
@@ -248,10 +248,10 @@ def main() -> None:
         f"{'cpu s/1k req':>13} "
         f"{'server cpu s/1k':>15} {'retries':>8} {'cpu ceiling':>11}"
     )
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = available_cores()
     for level, r, rps, ideal in rows:
         ideal_s = r["sent"] / ideal
-        wave_s = int(level.split()[0]) * (r["cpu"] + r["server_cpu"]) / r["sent"] / (cores or 1)
+        wave_s = int(level.split()[0]) * (r["cpu"] + r["server_cpu"]) / r["sent"] / cores
         print(
             f"{level:>9} {r['workers']:>7} {rps:>8.1f} {ideal:>8.1f} {rps / ideal:>6.3f} "
             f"{r['cpu'] / r['sent'] * 1000:>13.2f} {r['server_cpu'] / r['sent'] * 1000:>15.2f} "

@@ -184,13 +184,6 @@ def packed_batches(docs, seq_len: int, rows: int):
         yield batch
 
 
-def split_pieces(row) -> list[list[int]]:
-    """The documents (or their pieces) in one packed row."""
-    ids, pos = row
-    starts = [i for i, p in enumerate(pos) if p == 0] + [len(ids)]
-    return [ids[a:b] for a, b in itertools.pairwise(starts)]
-
-
 def padded_batches(docs, batch: int, seq_len: int):
     for i in range(0, len(docs) - batch + 1, batch):
         yield [d[:seq_len] for d in docs[i : i + batch]]
@@ -287,9 +280,13 @@ def main() -> None:
     layers, hidden = config.num_hidden_layers, config.hidden_size
     # fwd+bwd causal attention per token ≈ 12·L·H·context/2, where context is the row length when
     # the row is one sequence, and Σlen²/Σlen over the pieces when each document is on its own
-    pieces = [len(p) for rows in packed_batches(docs, seq_len, 1) for p in split_pieces(rows[0])]
     context = seq_len
     if attn in ("flash_attention_2", "varlen"):
+        pieces = [
+            n
+            for _, pos in packed_rows(docs, seq_len)
+            for n in packed_kwargs(torch.tensor(pos))["cu_seq_lens_q"].diff().tolist()
+        ]
         context = sum(n * n for n in pieces) / sum(pieces)
     attn_flops = 6 * layers * hidden * context
     useful = 4 * n_params + attn_flops

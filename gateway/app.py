@@ -235,8 +235,9 @@ async def _until_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
 class _Guard:
     """Cancels one task, once, when its client disconnects or its deadline passes.
 
-    Armed and disarmed from loop callbacks, so the timer and the ``receive()`` watcher task
-    are made while the upstream works, not on the request's critical path.
+    Armed and disarmed from loop callbacks, so the timer and the disconnect watcher task are
+    made while the upstream works, not on the request's critical path. The watcher is
+    :func:`_until_disconnect`, as for streams.
     """
 
     __slots__ = ("active", "reason", "task", "timer", "watcher")
@@ -251,8 +252,8 @@ class _Guard:
     def arm(self, loop: asyncio.AbstractEventLoop, receive: Any, timeout: float) -> None:
         if self.active:
             self.timer = loop.call_later(timeout, self.stop, TimeoutError)
-            self.watcher = loop.create_task(receive())
-            self.watcher.add_done_callback(self._received)
+            self.watcher = loop.create_task(_until_disconnect(receive))
+            self.watcher.add_done_callback(self._disconnected)
 
     def disarm(self) -> None:
         if self.timer is not None:
@@ -265,13 +266,9 @@ class _Guard:
             self.reason = reason
             self.task.cancel()
 
-    def _received(self, watcher: asyncio.Task) -> None:
-        """The ``receive()`` watcher ended: a disconnect stops the work."""
-        if (
-            not watcher.cancelled()
-            and watcher.exception() is None
-            and watcher.result()["type"] == "http.disconnect"
-        ):
+    def _disconnected(self, watcher: asyncio.Task) -> None:
+        """The watcher saw the client disconnect (not merely cancelled): stop the work."""
+        if not watcher.cancelled() and watcher.exception() is None:
             self.stop(ClientGone)
 
 
@@ -279,7 +276,7 @@ async def _guarded(work: Awaitable[T], receive: Callable[[], Awaitable[dict]], t
     """Await ``work`` (the body fully received); cancel it and raise ``ClientGone`` if the
     client disconnects first, or ``TimeoutError`` after ``timeout`` seconds.
 
-    One timer and one ``receive()`` task, set up and torn down off the critical path: the
+    One timer and one watcher task, set up and torn down off the critical path: the
     same as ``asyncio.timeout`` around a watcher coroutine, at a fraction of the latency.
     """
     loop = asyncio.get_running_loop()
@@ -637,11 +634,10 @@ async def _open_stream(
         gw.metrics.in_flight_now -= 1
         if status == 200:
             gw.models.learn(req.model)
-        gw.record(
-            rid=call.rid, key=key, model=req.model, mode=mode, stream=True, status=status,
-            elapsed=time.perf_counter() - call.t0, upstream_wait=relay.upstream_wait,
-            outcome=shaper.outcome, error=error,
-        )  # fmt: skip
+        call.elapsed = time.perf_counter() - call.t0
+        call.status, call.error, call.outcome = status, error, shaper.outcome
+        call.upstream_wait = relay.upstream_wait
+        call.record()
 
     return _SSEResponse(relay, headers, finished)
 

@@ -247,10 +247,8 @@ class Runner:
         if next_row is None:
             rows = iter(self.rows)
             next_row = lambda: next(rows, None)  # noqa: E731
-            n_rows = len(self.rows)
-        else:
-            n_rows = self.progress.total
-        n_workers = max(1, min(self.pool.capacity, n_rows))
+        # a worker process's rows are every pending row (the cursor hands them out)
+        n_workers = max(1, min(self.pool.capacity, len(self.rows)))
         bar = None if self.opts.quiet else _progress_bar(self)
         workers: list[asyncio.Task] = []
         try:

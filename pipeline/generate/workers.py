@@ -60,14 +60,14 @@ def plan_workers(runner) -> int:
         n = opts.workers
     else:
         n = min(
-            _cores(),
+            available_cores(),
             math.ceil(capacity / ROWS_PER_WORKER),
             math.ceil(pending / ROWS_PER_WORKER),
         )
     return max(1, min(n, capacity, pending))
 
 
-def _cores() -> int:
+def available_cores() -> int:
     """CPU cores this process may run on (a container's or ``taskset``'s share, not the host's)."""
     try:
         return len(os.sched_getaffinity(0))
