@@ -10,6 +10,7 @@ writes ``<think>…</think>`` inline and the gateway splits it (a Qwen2.5 vocabu
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
 import signal
@@ -150,8 +151,13 @@ def launch_vllm(
     extra: str | list[str] | None = None,
     log_path: Path | None = None,
     env: dict[str, str] | None = None,
+    nice: int = 0,
 ) -> VLLMServer:
-    """Start vLLM in its own process group without waiting (see :meth:`VLLMServer.wait_ready`)."""
+    """Start vLLM in its own process group without waiting (see :meth:`VLLMServer.wait_ready`).
+
+    ``nice`` > 0 lowers its CPU priority (all its processes and threads inherit it), so that
+    on a machine it shares, a client or gateway next to it is not starved while it generates.
+    """
     args = vllm_args(
         model,
         served_model_name=served_model_name,
@@ -172,7 +178,7 @@ def launch_vllm(
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=functools.partial(_prepare_child, nice),
     )
     if log_path:
         out.close()
@@ -180,6 +186,13 @@ def launch_vllm(
     return VLLMServer(
         process, f"http://{client_host}:{port}/v1", served_model_name or str(model), log_path
     )
+
+
+def _prepare_child(nice: int) -> None:
+    """In the vLLM child before exec: lower its priority; die with the parent."""
+    if nice:
+        os.nice(nice)
+    _die_with_parent()
 
 
 def _die_with_parent() -> None:

@@ -182,6 +182,9 @@ def vllm_server(tiny_student, tmp_path_factory):
             max_model_len=2048,  # the tiny model's own limit: long generations for abort tests
             log_path=log,
             startup_timeout=240,
+            # below the tests and the gateway they run in-process: on 2 cores a busy vLLM
+            # otherwise delays a test's hang-up by seconds (the abort tests race a generation)
+            nice=10,
         ) as server:
             root_url = server.base_url.removesuffix("/v1")
             yield VllmServer(server.base_url, root_url, "student", tiny_student, log)
