@@ -32,6 +32,7 @@ from gateway.protocol import (
     inline_schema,
 )
 from gateway.settings import Settings
+from gateway.tasks import TaskRegistry
 from gateway.upstreams import Upstream, UpstreamPool
 
 log = logging.getLogger("gateway")
@@ -58,6 +59,7 @@ class Gateway:
         self.pool = UpstreamPool(settings, self.metrics)
         self.auth = Authenticator(load_keys(settings))
         self.models = KnownModels(settings.models)
+        self.tasks = TaskRegistry.load(settings.tasks)
         self.access = AccessLog(settings.access_log)
         self._ids = itertools.count(1)
         self._id_prefix = f"gw-{os.getpid():x}-{int(time.time()) & 0xFFFFFF:x}-"

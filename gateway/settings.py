@@ -42,6 +42,11 @@ class Settings(BaseSettings):
         default_factory=list, description="Model names used as metric labels (others: `other`)."
     )
     upstream_api_key: SecretStr | None = None
+    tasks: Annotated[dict[str, Path], NoDecode] = Field(
+        default_factory=dict,
+        description="`model=path/to/task.yaml,…`: which task a served model does (its labels and "
+        "system prompt); models not listed are served untouched.",
+    )
 
     rate_limit_rpm: int | None = Field(None, ge=1, description="Requests per minute per key.")
     max_concurrent_per_key: int | None = Field(None, ge=1)
@@ -63,6 +68,21 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split_tasks(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        tasks: dict[str, str] = {}
+        for part in (p.strip() for p in value.split(",")):
+            if not part:
+                continue
+            model, sep, path = (x.strip() for x in part.partition("="))
+            if not sep or not model or not path:
+                raise ValueError(f"{part!r} is not model=path/to/task.yaml")
+            tasks[model] = path
+        return tasks
 
     @field_validator("upstreams")
     @classmethod
