@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -30,8 +30,12 @@ from pipeline.serve import ServeError, VLLMServer, launch_vllm, stop_process, wa
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_MODEL = "deepseek-r1-standin"
-# Targets from the issue: what the demo should show on a 2-core CPU machine.
-TARGETS = {"student": {"format_rate": 0.98, "accuracy": 0.6}}
+# Targets from the issues: what the demo should show on a 2-core CPU machine. The student is
+# judged as clients ask it, with the user message alone (no system prompt), and must do at least
+# as well that way as with the task's prompt; the untrained base never writes the format.
+TARGET_FORMAT = 0.98
+TARGET_ACCURACY = 0.6
+BARE_SLACK = 0.02  # bare accuracy may trail the with-prompt one by at most this
 
 
 class DemoError(RuntimeError):
@@ -181,11 +185,51 @@ def answer_token_budget(data: Path, base: Path) -> int:
     return math.ceil(1.5 * longest) + 16
 
 
+def trained_as(adapter: Path, system_prompt: str | None) -> bool:
+    """Whether the adapter in ``adapter`` (if any) was trained with ``system_prompt`` (any
+    choice matches ``None``; an adapter without metrics matches nothing but ``None``)."""
+    metrics = adapter / "train_metrics.json"
+    if system_prompt is None or not (adapter / "adapter_config.json").exists():
+        return True
+    if not metrics.exists():
+        return False
+    return json.loads(metrics.read_text(encoding="utf-8")).get("system_prompt") == system_prompt
+
+
 def has_teacher_labels(test_json: Path) -> bool:
     """Whether generate recorded the teacher's label on the held-out rows (then eval reports
     the teacher from them; otherwise the demo asks the stand-in live as endpoint ``teacher``)."""
     rows = json.loads(test_json.read_text(encoding="utf-8"))
     return any("teacher_label" in row for row in rows)
+
+
+def target_checks(summary: dict[str, dict]) -> list[tuple[bool, str]]:
+    """``(met, description)`` for each demo target, read from an eval summary."""
+
+    def fig(name: str, metric: str, bare: bool) -> float | None:
+        entry = summary.get(name, {})
+        return (entry.get("bare", {}) if bare else entry).get(metric)
+
+    def show(x: float | None) -> str:
+        return "missing" if x is None else f"{x:.3f}"
+
+    fmt, acc = fig("student", "format_rate", True), fig("student", "accuracy", True)
+    with_prompt = fig("student", "accuracy", False)
+    floor = None if with_prompt is None else with_prompt - BARE_SLACK
+    checks = [
+        (fmt is not None and fmt >= TARGET_FORMAT,
+         f"student format rate, user message only: {show(fmt)} (goal ≥ {TARGET_FORMAT})"),
+        (acc is not None and acc >= TARGET_ACCURACY,
+         f"student accuracy, user message only: {show(acc)} (goal ≥ {TARGET_ACCURACY})"),
+        (acc is not None and floor is not None and acc >= floor - 1e-9,
+         f"student accuracy, user message only vs with the system prompt: {show(acc)} vs "
+         f"{show(with_prompt)} (goal ≥ with prompt − {BARE_SLACK})"),
+    ]  # fmt: skip
+    for bare in (False, True):
+        got = fig("base", "format_rate", bare)
+        request = "user message only" if bare else "with the system prompt"
+        checks.append((got == 0, f"base format rate, {request}: {show(got)} (goal 0)"))
+    return checks
 
 
 def print_summary(
@@ -200,14 +244,8 @@ def print_summary(
     if table:
         print_table(summary)
     console = Console()
-    for name, goals in TARGETS.items():
-        for metric, goal in goals.items():
-            got = summary.get(name, {}).get(metric)
-            ok = got is not None and got >= goal
-            mark = "[green]✓[/]" if ok else "[red]✗[/]"
-            console.print(
-                f"{mark} {name} {metric} {got if got is None else f'{got:.3f}'} (goal ≥ {goal})"
-            )
+    for ok, what in target_checks(summary):
+        console.print(f"{'[green]✓[/]' if ok else '[red]✗[/]'} {what}")
     if times:
         console.print("stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     console.print(f"report: {paths.eval / 'report.md'}")
@@ -222,8 +260,10 @@ def run_demo(
     task: Path,
     input_path: Path,
     train_config: Path,
+    system_prompt: str | None = None,
 ) -> None:
-    """Run every stage that is missing (or all with ``force``) and print the result."""
+    """Run every stage that is missing (or all with ``force``) and print the result;
+    ``system_prompt`` overrides the training config's (keep, drop or mix)."""
     paths = Paths(out.resolve())
     paths.out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -254,14 +294,16 @@ def run_demo(
                 ["tiny-model", "--task", str(task), "--out", str(paths.base),
                  "--corpus", str(input_path), "--corpus", str(paths.data / "train.json")],
             )  # fmt: skip
+        if not trained_as(paths.adapter, system_prompt):
+            redo = True  # the adapter there was trained with another system_prompt choice
         if needed("train", paths.adapter / "adapter_config.json", paths.adapter):
             # The base's vLLM starts up (~1 min, mostly imports) while the student trains.
             svc.launch("base", paths.base)
-            times["train"] = run_stage(
-                "train",
-                ["train", "--config", str(train_config), "--data", str(paths.data),
-                 "--out", str(paths.adapter), "--base", str(paths.base)],
-            )  # fmt: skip
+            argv = ["train", "--config", str(train_config), "--data", str(paths.data),
+                    "--out", str(paths.adapter), "--base", str(paths.base)]  # fmt: skip
+            if system_prompt:
+                argv += ["--system-prompt", system_prompt]
+            times["train"] = run_stage("train", argv)
         if needed("merge", paths.student / "distill_manifest.json", paths.student):
             times["merge"] = run_stage(
                 "merge",
@@ -294,11 +336,26 @@ def demo(
     / "data/news/headlines.jsonl",
     train_config: Annotated[Path, typer.Option(help="training config")] = ROOT
     / "configs/train/tiny-cpu.yaml",
+    system_prompt: Annotated[
+        Literal["keep", "drop", "mix"] | None,
+        typer.Option(
+            help="train with the data's system message kept, dropped or mixed "
+            "(default: the training config's); a finished run trained otherwise is "
+            "retrained"
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline offline on CPU: teacher → data → train → merge → serve → eval."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        run_demo(out, force=force, task=task, input_path=input, train_config=train_config)
+        run_demo(
+            out,
+            force=force,
+            task=task,
+            input_path=input,
+            train_config=train_config,
+            system_prompt=system_prompt,
+        )
     except (DemoError, ServeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

@@ -19,12 +19,21 @@ Definitions (per endpoint, over all ``n`` rows; a failed request counts as a mis
   ``average="macro"``); a missing label is a miss for the gold class, never its own class.
 * ``reasoning_chars_mean``: mean reasoning length in characters over responses that have one.
 * ``latency_p50_s`` / ``latency_p95_s``: wall time per request, as seen by the client.
+* ``prompt_tokens_mean``: mean ``usage.prompt_tokens`` per request, as the server counted them.
+
+Each endpoint is asked every row twice, as clients ask: with the task's system prompt (the row's
+``system``, else the task's) and bare, the user message alone (``--no-bare`` skips that). The
+with-prompt figures are the endpoint's entry in ``summary.json``; the bare ones are the same
+fields under its ``bare`` key::
+
+    {"student": {"n": 90, "format_rate": 1.0, "accuracy": 0.61, ..., "bare": {"n": 90, ...}}}
 
 If the rows carry ``teacher_label`` (the teacher's answer recorded at generate time) an extra
 entry ``teacher`` reports the teacher on the same split without calling anything.
 
 Outputs in ``--out``: ``summary.json``, ``report.md``, ``confusion_<name>.png`` and
-``predictions_<name>.jsonl`` (each raw response, for debugging).
+``predictions_<name>.jsonl`` (each raw response, for debugging); the bare condition's under
+``bare/``.
 """
 
 from __future__ import annotations
@@ -35,7 +44,8 @@ import os
 import subprocess
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlparse
@@ -47,6 +57,8 @@ from pipeline.think import is_canonical, join_reasoning, split_think
 
 INVALID = "(无效)"  # the confusion-matrix column for responses with no readable label
 TEACHER = "teacher"
+BARE = "bare"  # the condition without a system prompt: its summary key and output folder
+REQUESTS = {"prompt": "system + user", BARE: "user only"}  # how each condition asks
 
 
 class EvalError(ValueError):
@@ -120,12 +132,20 @@ def load_rows(path: Path, task: Task | None) -> list[dict[str, Any]]:
     return rows
 
 
-def row_messages(row: dict[str, Any], task: Task | None) -> list[dict[str, str]]:
-    """System + user messages for one alpaca row (``input`` appended as LLaMA-Factory does)."""
+def row_system(row: dict[str, Any], task: Task | None) -> str:
+    """The system prompt a row is asked with: its own ``system``, else the task's."""
+    return row.get("system") or (task.system_prompt if task else "")
+
+
+def row_messages(
+    row: dict[str, Any], task: Task | None, bare: bool = False
+) -> list[dict[str, str]]:
+    """System + user messages for one alpaca row (``input`` appended as LLaMA-Factory does);
+    with ``bare`` the user message alone, as most chat clients send it."""
     user = row["instruction"]
     if row.get("input"):
         user = f"{user}\n{row['input']}"
-    system = row.get("system") or (task.system_prompt if task else "")
+    system = "" if bare else row_system(row, task)
     messages = [{"role": "system", "content": system}] if system else []
     return [*messages, {"role": "user", "content": user}]
 
@@ -201,6 +221,7 @@ def summarise(records: list[dict[str, Any]], task: Task) -> dict[str, Any]:
     pred = [r["pred"] for r in records]
     reasoning = [r["reasoning_chars"] for r in records if r.get("reasoning_chars")]
     latency = [r["latency_s"] for r in records if r.get("latency_s") is not None]
+    prompt_tokens = [r["prompt_tokens"] for r in records if r.get("prompt_tokens") is not None]
     per_class = class_report(gold, pred, task.labels)
     return {
         "n": n,
@@ -213,6 +234,7 @@ def summarise(records: list[dict[str, Any]], task: Task) -> dict[str, Any]:
         "reasoning_chars_mean": sum(reasoning) / len(reasoning) if reasoning else 0.0,
         "latency_p50_s": percentile(latency, 50),
         "latency_p95_s": percentile(latency, 95),
+        "prompt_tokens_mean": sum(prompt_tokens) / len(prompt_tokens) if prompt_tokens else None,
         "per_class": per_class,
     }
 
@@ -255,6 +277,7 @@ class QueryConfig:
     api_key: str = "EMPTY"
     retries: int = 2
     extra_body: dict[str, Any] = field(default_factory=dict)
+    bare: bool = True  # also ask every row without the system prompt
 
 
 async def _resolve_model(client: Any, endpoint: Endpoint) -> str:
@@ -280,8 +303,10 @@ async def _query_endpoint(
     task: Task,
     cfg: QueryConfig,
     advance: Any,
+    bare: bool = False,
 ) -> list[dict[str, Any]]:
-    """Ask one endpoint every row; return one prediction record per row, in row order."""
+    """Ask one endpoint every row (``bare``: without the system prompt); return one prediction
+    record per row, in row order."""
     from openai import AsyncOpenAI, OpenAIError
 
     client = AsyncOpenAI(
@@ -305,10 +330,11 @@ async def _query_endpoint(
                 start = time.perf_counter()
                 try:
                     resp = await client.chat.completions.create(
-                        model=model, messages=row_messages(row, task), **params
+                        model=model, messages=row_messages(row, task, bare), **params
                     )
                     message = resp.choices[0].message.model_dump()
                     record["latency_s"] = time.perf_counter() - start
+                    record["prompt_tokens"] = resp.usage.prompt_tokens if resp.usage else None
                     record["finish_reason"] = resp.choices[0].finish_reason
                     record["message"] = {
                         k: message.get(k)
@@ -338,8 +364,9 @@ async def _query_endpoint(
 
 async def query_all(
     endpoints: list[Endpoint], rows: list[dict[str, Any]], task: Task, cfg: QueryConfig
-) -> dict[str, list[dict[str, Any]]]:
-    """Query all endpoints concurrently behind one rich progress display."""
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Query all endpoints in every condition concurrently behind one rich progress display;
+    return ``{condition: {endpoint name: records}}``."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -356,12 +383,19 @@ async def query_all(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ) as progress:
-        jobs = []
-        for ep in endpoints:
-            tid = progress.add_task(f"eval {ep.name}", total=len(rows))
-            jobs.append(_query_endpoint(ep, rows, task, cfg, lambda t=tid: progress.advance(t)))
+        conditions = list(REQUESTS) if cfg.bare else ["prompt"]
+        jobs, keys = [], []
+        for cond in conditions:
+            for ep in endpoints:
+                tid = progress.add_task(f"eval {ep.name} ({REQUESTS[cond]})", total=len(rows))
+                advance = lambda t=tid: progress.advance(t)  # noqa: E731
+                jobs.append(_query_endpoint(ep, rows, task, cfg, advance, bare=cond == BARE))
+                keys.append((cond, ep.name))
         results = await asyncio.gather(*jobs)
-    return {ep.name: res for ep, res in zip(endpoints, results, strict=True)}
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {cond: {} for cond in conditions}
+    for (cond, name), res in zip(keys, results, strict=True):
+        out[cond][name] = res
+    return out
 
 
 # --------------------------------------------------------------------------- outputs
@@ -447,43 +481,68 @@ COLUMNS = [
     ("canonical_rate", "canonical"),
     ("accuracy", "accuracy"),
     ("macro_f1", "macro-F1"),
+    ("prompt_tokens_mean", "prompt tokens"),
     ("reasoning_chars_mean", "reasoning chars"),
     ("latency_p50_s", "p50 s"),
     ("latency_p95_s", "p95 s"),
     ("errors", "errors"),
 ]
+DIGITS = {"reasoning_chars_mean": 0, "prompt_tokens_mean": 1}
+
+
+def table_rows(summary: dict[str, dict]) -> Iterator[tuple[str, str, dict]]:
+    """``(endpoint, request, figures)`` per table row: with the system prompt, then bare."""
+    for name, s in summary.items():
+        yield name, REQUESTS["prompt"], s
+        if BARE in s:
+            yield name, REQUESTS[BARE], s[BARE]
+
+
+def _cells(s: dict) -> list[str]:
+    return [_fmt(s.get(key), DIGITS.get(key, 3)) for key, _ in COLUMNS]
+
+
+def _class_table(s: dict, labels: list[str]) -> list[str]:
+    lines = ["| label | support | precision | recall | F1 |", "|---|---:|---:|---:|---:|"]
+    for label in labels:
+        c = s["per_class"][label]
+        lines.append(
+            f"| {label} | {c['support']} | {_fmt(c['precision'])} | {_fmt(c['recall'])} "
+            f"| {_fmt(c['f1'])} |"
+        )
+    return lines
 
 
 def render_report(summary: dict[str, dict], data: Path, labels: list[str]) -> str:
-    """The markdown report: a comparison table, then per-class tables."""
+    """The markdown report: a comparison table (each endpoint with the system prompt and bare),
+    then per-class tables."""
     lines = [
         "# Evaluation report",
         "",
         f"Held-out data: `{data}` ({next(iter(summary.values()))['n']} rows).",
         "",
-        "| endpoint | " + " | ".join(title for _, title in COLUMNS) + " |",
-        "|---|" + "---:|" * len(COLUMNS),
+        "| endpoint | request | " + " | ".join(title for _, title in COLUMNS) + " |",
+        "|---|---|" + "---:|" * len(COLUMNS),
     ]
-    for name, s in summary.items():
-        digits = {"reasoning_chars_mean": 0}
-        cells = [_fmt(s.get(key), digits.get(key, 3)) for key, _ in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, request, s in table_rows(summary):
+        lines.append(f"| {name} | {request} | " + " | ".join(_cells(s)) + " |")
     lines += [
         "",
+        "*request*: `system + user` sends the task's system prompt and the user message, "
+        "`user only` the user message alone (what most chat clients send); "
         "*format*: closed `<think>` with non-empty reasoning and a valid label after it; "
         "*canonical*: byte-exact `<think>\\n…\\n</think>\\n\\n<label>`; "
-        "*accuracy*/*macro-F1* against the gold labels.",
+        "*accuracy*/*macro-F1* against the gold labels; "
+        "*prompt tokens*: the server's `usage.prompt_tokens` per request.",
     ]
     for name, s in summary.items():
         lines += ["", f"## {name}", ""]
         lines += [f"![confusion matrix {name}](confusion_{name}.png)", ""]
-        lines += ["| label | support | precision | recall | F1 |", "|---|---:|---:|---:|---:|"]
-        for label in labels:
-            c = s["per_class"][label]
-            lines.append(
-                f"| {label} | {c['support']} | {_fmt(c['precision'])} | {_fmt(c['recall'])} "
-                f"| {_fmt(c['f1'])} |"
-            )
+        lines += _class_table(s, labels)
+        if BARE in s:
+            lines += ["", f"## {name}, user message only", ""]
+            lines += [f"![confusion matrix {name}, bare]({BARE}/confusion_{name}.png)", ""]
+            lines += _class_table(s[BARE], labels)
     return "\n".join(lines) + "\n"
 
 
@@ -494,15 +553,27 @@ def print_table(summary: dict[str, dict]) -> None:
 
     console = Console()
     if not console.is_terminal:
-        console = Console(width=max(console.width, 120))  # logs and CI: don't squeeze the table
+        console = Console(width=max(console.width, 140))  # logs and CI: don't squeeze the table
     table = Table(title="evaluation")
     table.add_column("endpoint", no_wrap=True)
+    table.add_column("request", no_wrap=True)
     for _, title in COLUMNS:
         table.add_column(title, justify="right")
-    for name, s in summary.items():
-        digits = {"reasoning_chars_mean": 0}
-        table.add_row(name, *(_fmt(s.get(k), digits.get(k, 3)) for k, _ in COLUMNS))
+    for name, request, s in table_rows(summary):
+        table.add_row(name, request, *_cells(s))
     console.print(table)
+
+
+def _write_condition(
+    out: Path, name: str, recs: list[dict[str, Any]], s: dict, task: Task, font: str | None
+) -> None:
+    """Predictions and the confusion PNG of one endpoint in one condition."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / f"predictions_{name}.jsonl").open("w", encoding="utf-8") as f:
+        for r in recs:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    title = f"{name}: accuracy {s['accuracy']:.2f}, format {s['format_rate']:.2f}, n={s['n']}"
+    plot_confusion(recs, task.labels, title, out / f"confusion_{name}.png", font)
 
 
 def write_outputs(
@@ -511,8 +582,10 @@ def write_outputs(
     task: Task,
     records: dict[str, list[dict[str, Any]]],
     models: dict[str, str],
+    bare: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, dict]:
-    """Write summary.json, report.md, predictions and confusion PNGs; return the summary."""
+    """Write summary.json, report.md, predictions and confusion PNGs (``bare`` records under
+    ``out/bare``); return the summary."""
     out.mkdir(parents=True, exist_ok=True)
     font = cjk_font()
     if font is None:
@@ -526,12 +599,10 @@ def write_outputs(
         summary[name] = summarise(recs, task)
         if name in models:
             summary[name]["model"] = models[name]
-        with (out / f"predictions_{name}.jsonl").open("w", encoding="utf-8") as f:
-            for r in recs:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        s = summary[name]
-        title = f"{name}: accuracy {s['accuracy']:.2f}, format {s['format_rate']:.2f}, n={s['n']}"
-        plot_confusion(recs, task.labels, title, out / f"confusion_{name}.png", font)
+        _write_condition(out, name, recs, summary[name], task, font)
+        if bare and name in bare:
+            summary[name][BARE] = summarise(bare[name], task)
+            _write_condition(out / BARE, name, bare[name], summary[name][BARE], task, font)
     (out / "summary.json").write_text(
         json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
     )
@@ -552,16 +623,19 @@ def evaluate(
     if dupes:
         raise EvalError(f"--endpoint names must be unique; repeated: {dupes}")
     rows = load_rows(data, task)
-    task = task or task_from_labels([row["label"] for row in rows])
     cfg = cfg or QueryConfig()
-    records = asyncio.run(query_all(endpoints, rows, task, cfg)) if endpoints else {}
+    if not any(row_system(row, task) for row in rows):
+        cfg = replace(cfg, bare=False)  # no system prompt to leave out: bare is the same ask
+    task = task or task_from_labels([row["label"] for row in rows])
+    asked = asyncio.run(query_all(endpoints, rows, task, cfg)) if endpoints else {}
+    records = asked.get("prompt", {})
     models = {name: recs[0]["model"] for name, recs in records.items() if recs}
     teacher = teacher_records(rows, task)
     if teacher is not None and TEACHER not in records:
         records[TEACHER] = teacher
     if not records:
         raise EvalError("nothing to evaluate: give --endpoint NAME=URL[@MODEL]")
-    return write_outputs(out, data, task, records, models)
+    return write_outputs(out, data, task, records, models, asked.get(BARE))
 
 
 # --------------------------------------------------------------------------- command
@@ -591,6 +665,13 @@ def eval_cmd(
         str | None,
         typer.Option(help="JSON merged into each request body, e.g. '{\"top_k\": 1}'"),
     ] = None,
+    bare: Annotated[
+        bool,
+        typer.Option(
+            "--bare/--no-bare",
+            help="also ask every row with the user message alone (no system prompt)",
+        ),
+    ] = True,
 ) -> None:
     """Evaluate OpenAI-compatible endpoints on the held-out split: format, accuracy, F1, latency."""
     try:
@@ -610,25 +691,27 @@ def eval_cmd(
             if not isinstance(body, dict):
                 raise EvalError("--extra-body: expected a JSON object")
         cfg = QueryConfig(
-            concurrency, max_tokens, temperature, timeout, api_key, retries, extra_body=body
+            concurrency, max_tokens, temperature, timeout, api_key, retries, body, bare
         )
         summary = evaluate(endpoints, data, out, loaded_task, cfg)
     except (EvalError, TaskError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     print_table(summary)
-    for name, s in summary.items():
+    for name, request, s in table_rows(summary):
         if s["errors"]:
+            folder = out / BARE if request == REQUESTS[BARE] else out
             first = next(
                 json.loads(line)["error"]
-                for line in (out / f"predictions_{name}.jsonl").open(encoding="utf-8")
+                for line in (folder / f"predictions_{name}.jsonl").open(encoding="utf-8")
                 if json.loads(line).get("error")
             )
             typer.echo(
-                f"warning: {name}: {s['errors']} of {s['n']} requests failed; first: {first}"
+                f"warning: {name} ({request}): {s['errors']} of {s['n']} requests failed; "
+                f"first: {first}"
             )
     typer.echo(f"report: {out / 'report.md'}")
-    typer.echo(f"confusion matrices: {out}/confusion_*.png")
+    typer.echo(f"confusion matrices: {out}/confusion_*.png ({BARE}/: user message only)")
     dead = [name for name, s in summary.items() if s["errors"] == s["n"]]
     if dead:
         typer.echo(f"error: every request failed for {', '.join(dead)}", err=True)

@@ -139,8 +139,14 @@ def tiny_student(tiny_base, tmp_path_factory) -> Path:
     task = load_task(NEWS_TASK)
     rows = [{**r, "reasoning": short_reasoning(r)} for r in student_rows()]
     write_alpaca(task, rows, root / "data", reasoning=lambda r: r["reasoning"])
+    # `keep`: the serving tests ask with the task's system prompt (task.messages)
     config = load_config(ROOT / "configs" / "train" / "tiny-cpu.yaml").model_copy(
-        update={"max_steps": STUDENT_STEPS, "per_device_batch_size": 8, "logging_steps": 8}
+        update={
+            "max_steps": STUDENT_STEPS,
+            "per_device_batch_size": 8,
+            "logging_steps": 8,
+            "system_prompt": "keep",
+        }
     )
     train(config, root / "data", root / "adapter", base=str(tiny_base), resume=False)
     merge(None, root / "adapter", root / "merged")

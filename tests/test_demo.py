@@ -11,7 +11,13 @@ import sys
 
 import pytest
 
-from pipeline.demo import Paths, answer_token_budget, has_teacher_labels
+from pipeline.demo import (
+    Paths,
+    answer_token_budget,
+    has_teacher_labels,
+    target_checks,
+    trained_as,
+)
 from tests.conftest import ROOT
 
 
@@ -27,10 +33,22 @@ def _finished_run(out):
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text("{}")
     paths.eval.mkdir(parents=True)
-    entry = {"n": 90, "format_rate": 1.0, "canonical_rate": 1.0, "accuracy": 0.7, "macro_f1": 0.69}
-    summary = {"base": {**entry, "format_rate": 0.0, "accuracy": 0.05}, "student": entry}
-    (paths.eval / "summary.json").write_text(json.dumps(summary))
+    (paths.eval / "summary.json").write_text(json.dumps(_summary()))
     return paths
+
+
+def _summary(bare_accuracy=0.69, bare_format=1.0, base_format=0.0):
+    """An eval summary as ``distill eval`` writes it: with-prompt figures, bare ones under
+    ``bare``."""
+    entry = {"n": 90, "format_rate": 1.0, "canonical_rate": 1.0, "accuracy": 0.7, "macro_f1": 0.69}
+    entry["prompt_tokens_mean"] = 152.0
+    bare = {**entry, "accuracy": bare_accuracy, "format_rate": bare_format}
+    bare["prompt_tokens_mean"] = 92.0
+    base = {**entry, "format_rate": base_format, "accuracy": 0.05}
+    return {
+        "base": {**base, "bare": {**base, "format_rate": 0.0}},
+        "student": {**entry, "bare": bare},
+    }
 
 
 @pytest.mark.slow
@@ -47,6 +65,8 @@ def test_rerun_skips_finished_stages_and_prints_the_table(tmp_path):
     for stage in ("generate", "tiny-model", "train", "merge", "eval"):
         assert f"{stage}:" in done.stderr and "skipped" in done.stderr
     assert "student" in done.stdout and "0.700" in done.stdout  # the table, from summary.json
+    assert "user only" in done.stdout and "0.690" in done.stdout  # ... both conditions
+    assert "✗" not in done.stdout and done.stdout.count("✓") == 5  # every target met
     assert str(paths.eval / "report.md") in done.stdout.replace("\n", "")
     assert not (paths.logs / "teacher.log").exists()  # nothing was started
 
@@ -72,3 +92,34 @@ def test_answer_token_budget_covers_the_longest_training_answer(tmp_path):
     rows = [{"output": "a b a"}, {"output": " ".join(["a"] * 40)}]
     (data / "train.json").write_text(json.dumps(rows))
     assert answer_token_budget(data, base) == 60 + 16  # 1.5 x 40 tokens, plus slack
+
+
+@pytest.mark.parametrize(
+    ("summary", "missed"),
+    [
+        (_summary(), []),
+        (_summary(bare_accuracy=0.65), ["vs with the system prompt"]),  # 0.05 below with-prompt
+        (_summary(bare_accuracy=0.59), ["user message only: 0.590", "vs with the system"]),
+        (_summary(bare_format=0.97), ["student format rate"]),
+        (_summary(base_format=0.01), ["base format rate, with the system prompt"]),
+        (
+            {"student": {"accuracy": 0.7}},  # no bare figures, no base: nothing passes
+            ["format rate, user message only: missing", "missing", "missing", "base", "base"],
+        ),
+    ],
+)
+def test_targets_judge_the_student_as_clients_ask(summary, missed):
+    failed = [what for ok, what in target_checks(summary) if not ok]
+    assert len(failed) == len(missed), failed
+    for part, what in zip(missed, failed, strict=True):
+        assert part in what
+
+
+def test_an_adapter_trained_otherwise_is_not_reused(tmp_path):
+    adapter = tmp_path / "adapter"
+    assert trained_as(adapter, "drop")  # nothing there yet: nothing to redo
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert trained_as(adapter, None) and not trained_as(adapter, "drop")  # no metrics: unknown
+    (adapter / "train_metrics.json").write_text(json.dumps({"system_prompt": "keep"}))
+    assert trained_as(adapter, "keep") and not trained_as(adapter, "drop")

@@ -188,27 +188,35 @@ def test_eval_against_standin_endpoints(tmp_path, standin, news_task):
     gold = [label for _, label in HEADLINES]
     expected = [persona.think(title).label for title, _ in HEADLINES]
     for name, srv in servers.items():
-        s = summary[name]
-        preds = [
-            json.loads(line)
-            for line in (out / f"predictions_{name}.jsonl").read_text().splitlines()
-        ]
-        assert len(preds) == s["n"] == len(rows)
-        assert [p["index"] for p in preds] == list(range(len(rows)))
-        labels = [_label_from_raw(p["message"], news_task.labels) for p in preds]
-        assert s["accuracy"] == pytest.approx(
-            sum(a == g for a, g in zip(labels, gold, strict=True)) / len(rows)
-        )
-        assert s["invalid_rate"] == pytest.approx(labels.count(None) / len(rows))
-        assert s["latency_p50_s"] > 0 and s["latency_p95_s"] >= s["latency_p50_s"]
-        assert s["errors"] == 0
-        assert len(srv.requests()) == len(rows)  # one request per row, no retries
-        if name != "broken":
-            # A clean endpoint answers what the stand-in's persona decides, in the right shape.
-            assert labels == expected
-            assert s["format_rate"] == 1.0
-            assert s["reasoning_chars_mean"] > 20
-        assert set(s["per_class"]) == set(news_task.labels)
+        # each endpoint in both conditions: with the system prompt, then the user message alone
+        for s, folder in ((summary[name], out), (summary[name]["bare"], out / "bare")):
+            preds = [
+                json.loads(line)
+                for line in (folder / f"predictions_{name}.jsonl").read_text().splitlines()
+            ]
+            assert len(preds) == s["n"] == len(rows)
+            assert [p["index"] for p in preds] == list(range(len(rows)))
+            labels = [_label_from_raw(p["message"], news_task.labels) for p in preds]
+            assert s["accuracy"] == pytest.approx(
+                sum(a == g for a, g in zip(labels, gold, strict=True)) / len(rows)
+            )
+            assert s["invalid_rate"] == pytest.approx(labels.count(None) / len(rows))
+            assert s["latency_p50_s"] > 0 and s["latency_p95_s"] >= s["latency_p50_s"]
+            assert s["errors"] == 0
+            # the server's own count of prompt tokens, per request
+            assert s["prompt_tokens_mean"] == pytest.approx(
+                sum(p["prompt_tokens"] for p in preds) / len(preds)
+            )
+            if name != "broken":
+                # A clean endpoint answers what the stand-in's persona decides, in the shape.
+                assert labels == expected
+                assert s["format_rate"] == 1.0
+                assert s["reasoning_chars_mean"] > 20
+            assert set(s["per_class"]) == set(news_task.labels)
+        # the bare requests really left the system prompt out: the server counted far fewer
+        # prompt tokens (the task prompt is several hundred characters)
+        assert summary[name]["bare"]["prompt_tokens_mean"] < summary[name]["prompt_tokens_mean"] / 3
+        assert len(srv.requests()) == 2 * len(rows)  # one request per row and condition
     # Every reasoning shape is read to the same answers.
     assert summary["rc"]["accuracy"] == summary["rs"]["accuracy"] == summary["noopen"]["accuracy"]
     assert 0 < summary["rc"]["accuracy"] < 1  # the stand-in is deliberately imperfect
@@ -218,16 +226,41 @@ def test_eval_against_standin_endpoints(tmp_path, standin, news_task):
     assert teacher["n"] == len(rows)
     assert teacher["accuracy"] == pytest.approx(12 / 16)  # rows 0, 4, 8, 12 are wrong (民生)
     assert teacher["format_rate"] == 1.0
+    assert "bare" not in teacher  # recorded at generate time, with the system prompt only
 
     report = (out / "report.md").read_text()
-    for name in summary:
-        assert f"| {name} |" in report
-        png = out / f"confusion_{name}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        from PIL import Image
+    from PIL import Image
 
-        with Image.open(png) as img:
-            assert img.size[0] > 400 and img.size[1] > 400
+    for name in summary:
+        assert f"| {name} | system + user |" in report
+        pngs = [out / f"confusion_{name}.png"]
+        if name != "teacher":
+            assert f"| {name} | user only |" in report
+            pngs.append(out / "bare" / f"confusion_{name}.png")
+        for png in pngs:
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            with Image.open(png) as img:
+                assert img.size[0] > 400 and img.size[1] > 400
+    assert "user only" in done.stdout  # the printed table has both conditions
+
+
+@pytest.mark.slow
+def test_bare_condition_is_skipped_when_asked_or_meaningless(tmp_path, standin, news_task):
+    from pipeline.evaluate import Endpoint, QueryConfig, evaluate
+
+    srv = standin()
+    endpoint = Endpoint("rc", srv.base_url, srv.model)
+    data = tmp_path / "test.json"
+    write_test_split(data, news_task)
+    summary = evaluate([endpoint], data, tmp_path / "a", news_task, QueryConfig(bare=False))
+    assert "bare" not in summary["rc"] and not (tmp_path / "a" / "bare").exists()
+    assert len(srv.requests()) == len(HEADLINES)
+    # rows without a system prompt and no task to take one from: "bare" is the only ask
+    rows = json.loads(data.read_text())
+    data.write_text(json.dumps([{k: v for k, v in r.items() if k != "system"} for r in rows]))
+    summary = evaluate([endpoint], data, tmp_path / "b")
+    assert "bare" not in summary["rc"] and summary["rc"]["n"] == len(HEADLINES)
+    assert len(srv.requests()) == 2 * len(HEADLINES)
 
 
 @pytest.mark.slow
@@ -328,3 +361,5 @@ def test_eval_a_real_vllm_student(tmp_path, vllm_server, news_task):
     assert s["format_rate"] == pytest.approx(sum(formatted) / len(preds))
     assert s["format_rate"] >= 0.9  # the fixture student reliably writes the shape
     assert s["latency_p50_s"] > 0
+    # vLLM's usage counts the rendered chat: the task prompt is most of it
+    assert s["prompt_tokens_mean"] > 2 * s["bare"]["prompt_tokens_mean"] > 0

@@ -180,3 +180,76 @@ def test_cli_train_reports_bad_data_without_traceback(tiny_base, tmp_path):
     assert result.exit_code == 2
     assert f"{bad}:3: expected an object per row" in result.output
     assert "Traceback" not in result.output
+
+
+def _prompt_ids(enc) -> list[int]:
+    """The masked prefix of an encoded example: what the model reads before its answer."""
+    return enc.input_ids[: next(i for i, lb in enumerate(enc.labels) if lb != IGNORE)]
+
+
+@pytest.mark.parametrize("mode", ["keep", "drop", "mix"])
+def test_system_prompt_choice_is_what_gets_trained(tokenizer, tmp_path, news_task, mode):
+    from pipeline.train.sft import prepare
+    from pipeline.train.tiny import DEFAULT_SYSTEM
+
+    rows = news_rows()[:40]
+    write_alpaca(news_task, rows, tmp_path)
+    config = load_config(TINY_CONFIG).model_copy(update={"system_prompt": mode})
+    _, encoded, _, info = prepare(config, tmp_path, tokenizer)
+    bare = 0
+    for row, enc in zip(rows, encoded, strict=True):
+        prompt = tokenizer.decode(_prompt_ids(enc), skip_special_tokens=False)
+        system, user = news_task.messages(row)
+        if news_task.system_prompt in prompt:
+            asked = [system, user]
+        else:  # trained as a client asks without a system prompt: the template's default line
+            bare += 1
+            assert DEFAULT_SYSTEM in prompt
+            asked = [user]
+        # token for token what the chat template renders for that request
+        assert _prompt_ids(enc) == list(
+            tokenizer.apply_chat_template(asked, add_generation_prompt=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
+    assert bare == {"keep": 0, "drop": 40, "mix": 20}[mode]  # mix: a seeded half
+    assert info["system_prompt"] == mode and info["examples_with_system"] == 40 - bare
+
+
+def test_mix_is_seeded_and_shows_both_shapes(tokenizer, dataset):
+    from rich.console import Console
+
+    from pipeline.train.data import shape_prompts
+
+    mixed = shape_prompts(dataset.examples, "mix", seed=42)
+    assert shape_prompts(dataset.examples, "mix", seed=42) == mixed
+    assert shape_prompts(dataset.examples, "mix", seed=7) != mixed
+    assert sum(ex.has_system for ex in mixed) == len(dataset.examples) // 2
+    assert [ex.answer for ex in mixed] == [ex.answer for ex in dataset.examples]
+    console = Console(record=True, width=120)
+    encoded = _encode_all(tokenizer, mixed)
+    run_preflight(tokenizer, mixed, encoded, encoded, show=2, console=console)
+    shown = console.export_text()
+    assert "(system + user)" in shown and "(user only)" in shown
+
+
+def test_bad_system_prompt_choice_is_named(tmp_path, tiny_base):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.train.config import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text(TINY_CONFIG.read_text() + "system_prompt: sometimes\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*system_prompt"):
+        load_config(path)
+    result = CliRunner().invoke(
+        app,
+        [
+            *("train", "--config", str(TINY_CONFIG), "--base", str(tiny_base)),
+            *("--data", str(tmp_path), "--out", str(tmp_path / "a")),
+            *("--system-prompt", "sometimes"),
+        ],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 2 and "sometimes" in result.output

@@ -1,4 +1,5 @@
-"""A short real train -> merge -> vLLM CPU -> openai SDK; plus metrics and resume.
+"""A short real train -> merge -> vLLM CPU -> openai SDK; the trainer's rendering against the
+server's; plus metrics and resume.
 
 The fixture student (tests/fixtures_vllm.py) is trained for a few dozen optimizer steps on a
 small homogeneous set with one fixed reasoning shape, enough for greedy decoding to emit the
@@ -13,6 +14,7 @@ import json
 import pytest
 
 from pipeline.think import is_canonical, split_think
+from pipeline.train.preflight import IGNORE
 from tests.fixtures_vllm import ROOT, news_rows, student_rows, write_alpaca
 
 
@@ -37,6 +39,38 @@ def test_vllm_serves_the_merged_student(vllm_server, news_task):
         assert parts.closed and parts.reasoning, text
         assert news_task.read_label(parts.answer) is not None, text
         assert is_canonical(text.strip()), text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["keep", "drop"])
+def test_trainer_renders_what_vllm_renders(vllm_server, tiny_base, tmp_path, news_task, mode):
+    """What the model reads before the answer it is trained on is token for token what vLLM
+    renders for the same chat request to the merged model: with the system message (``keep``)
+    and for a client that sends the user message alone (``drop``)."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    from pipeline.train.data import load_dataset, shape_prompts
+    from pipeline.train.preflight import encode
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)  # the one `distill train` renders with
+    rows = news_rows()[-6:]  # headlines the fixture student never saw
+    write_alpaca(news_task, rows, tmp_path)
+    examples = shape_prompts(load_dataset(tmp_path).examples, mode, seed=0)
+    for row, ex in zip(rows, examples, strict=True):
+        enc = encode(tokenizer, ex)
+        trained_from = next(i for i, label in enumerate(enc.labels) if label != IGNORE)
+        asked = news_task.messages(row)[1:] if mode == "drop" else news_task.messages(row)
+        assert ex.prompt == asked
+        served = httpx.post(
+            vllm_server.root_url + "/tokenize",
+            json={"model": vllm_server.model, "messages": asked, "add_generation_prompt": True},
+            timeout=30,
+        )
+        served.raise_for_status()
+        assert enc.input_ids[:trained_from] == served.json()["tokens"]
+        prompt = tokenizer.decode(enc.input_ids[:trained_from], skip_special_tokens=False)
+        assert (news_task.system_prompt in prompt) == (mode == "keep")
 
 
 def test_train_metrics_record_the_run(tiny_student):

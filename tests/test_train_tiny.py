@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from pipeline.think import format_answer
+from pipeline.train.tiny import DEFAULT_SYSTEM
 from tests.fixtures_vllm import HEADLINES, NEWS_TASK
 
 
@@ -44,9 +45,25 @@ def test_tiny_model_cli_builds_a_loadable_chatml_model(tmp_path, news_task):
         f"<|im_start|>user\n新闻分类:冰壶世界杯中国队夺冠<|im_end|>\n"
         f"<|im_start|>assistant\n{answer}<|im_end|>\n"
     )
-    # without a system turn, the template supplies the task's system prompt, as in training
+    # Without a system turn the template opens with a generic default line, as Qwen2.5's does
+    # ("You are Qwen, created by Alibaba Cloud. ..."), never the task's prompt: a bare request
+    # here meets what it meets on the GPU path.
     no_system = tok.apply_chat_template(convo[1:2], tokenize=False, add_generation_prompt=True)
-    assert no_system == text.split("<|im_start|>assistant")[0] + "<|im_start|>assistant\n"
+    assert no_system == (
+        f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
+        f"<|im_start|>user\n新闻分类:冰壶世界杯中国队夺冠<|im_end|>\n"
+        f"<|im_start|>assistant\n"
+    )
+    assert "新闻" not in DEFAULT_SYSTEM and news_task.system_prompt not in no_system
+    # a later system message is a turn of its own (Qwen2.5 renders it in place)
+    later = [convo[1], {"role": "system", "content": "简短回答。"}]
+    assert tok.apply_chat_template(later, tokenize=False) == (
+        f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
+        f"<|im_start|>user\n新闻分类:冰壶世界杯中国队夺冠<|im_end|>\n"
+        f"<|im_start|>system\n简短回答。<|im_end|>\n"
+    )
+    # the default line's words are in the vocabulary, as a real tokenizer's would be
+    assert len(tok(DEFAULT_SYSTEM)["input_ids"]) <= 2 * len(DEFAULT_SYSTEM.split())
     # think tags survive decoding with skip_special_tokens (what servers do)
     ids = tok(answer)["input_ids"]
     assert tok.decode(ids, skip_special_tokens=True) == answer

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -58,6 +58,10 @@ def train(
     out: Annotated[Path, typer.Option(help="adapter output directory (checkpoints go here too)")],
     base: Annotated[str | None, typer.Option(help="base model; overrides the config's")] = None,
     dataset: Annotated[str | None, typer.Option(help="entry of dataset_info.json")] = None,
+    system_prompt: Annotated[
+        Literal["keep", "drop", "mix"] | None,
+        typer.Option(help="the data's system message: keep, drop or mix; overrides the config's"),
+    ] = None,
     resume: Annotated[
         bool | None,
         typer.Option(
@@ -73,7 +77,10 @@ def train(
     from pipeline.train.sft import train as run
 
     try:
-        run(load_config(config), data, out, base=base, resume=resume, dataset_name=dataset)
+        cfg = load_config(config)
+        if system_prompt is not None:
+            cfg = cfg.model_copy(update={"system_prompt": system_prompt})
+        run(cfg, data, out, base=base, resume=resume, dataset_name=dataset)
     except (ConfigError, DataError, PreflightError) as e:
         raise _fail(str(e)) from None
 

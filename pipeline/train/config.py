@@ -28,6 +28,9 @@ class LoraSettings(BaseModel):
     )
 
 
+SystemPrompt = Literal["keep", "drop", "mix"]
+
+
 class TrainConfig(BaseModel):
     """Everything `distill train` needs besides the data and the output directory."""
 
@@ -35,6 +38,11 @@ class TrainConfig(BaseModel):
 
     base_model: str = Field(min_length=1, description="HF id or local dir; --base overrides")
     lora: LoraSettings = LoraSettings()
+    system_prompt: SystemPrompt = Field(
+        "keep",
+        description="the data's system message: keep it, drop it (train on what a request with "
+        "the user message alone renders to) or mix (a seeded half of the examples without it)",
+    )
     learning_rate: float = Field(1e-4, gt=0)
     epochs: float = Field(3, gt=0)
     max_steps: int = Field(-1, description="> 0 stops after this many optimizer steps")

@@ -8,13 +8,15 @@ Accepted ``--data``:
 * a file: ``.json`` (a list of rows) or ``.jsonl`` (one row per line), alpaca or messages.
 
 Every example becomes a prompt (system + user messages) and the assistant's answer. Alpaca rows
-join ``instruction`` and ``input`` with a newline, as LLaMA-Factory does.
+join ``instruction`` and ``input`` with a newline, as LLaMA-Factory does. :func:`shape_prompts`
+then keeps, drops or mixes the system messages (the training config's ``system_prompt``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,15 @@ class Example:
     prompt: list[dict[str, str]]
     answer: str
     where: str  # "file:line", for error messages
+
+    @property
+    def has_system(self) -> bool:
+        return any(m["role"] == "system" for m in self.prompt)
+
+    def bare(self) -> Example:
+        """This example as a client sends it without a system prompt: the user turn(s) only, so
+        the chat template renders whatever it renders for such a request (its default line)."""
+        return Example([m for m in self.prompt if m["role"] != "system"], self.answer, self.where)
 
 
 @dataclass(frozen=True)
@@ -232,3 +243,21 @@ def load_dataset(data: str | Path, name: str | None = None) -> Dataset:
     if not path.exists():
         raise DataError(f"{path}: dataset file not found")
     return Dataset(path, read_file(path, fmt))
+
+
+def shape_prompts(examples: list[Example], mode: str, seed: int) -> list[Example]:
+    """The examples in the prompt shape that is trained.
+
+    ``keep``: as the data has them. ``drop``: without system messages. ``mix``: a seeded half of
+    the examples that have a system message lose it (the same count of examples and steps as
+    the other modes, so the three compare at equal compute; each headline is seen in one shape).
+    """
+    if mode == "keep":
+        return list(examples)
+    if mode == "drop":
+        return [ex.bare() for ex in examples]
+    if mode != "mix":
+        raise ValueError(f"system_prompt must be keep, drop or mix, got {mode!r}")
+    with_system = [i for i, ex in enumerate(examples) if ex.has_system]
+    dropped = set(random.Random(seed).sample(with_system, len(with_system) // 2))
+    return [ex.bare() if i in dropped else ex for i, ex in enumerate(examples)]

@@ -1,9 +1,11 @@
 """Tokenise examples through the serving chat template and check what carries loss.
 
-Each example is rendered by the tokenizer's own chat template twice: the prompt with the
-generation prompt (exactly what a server sends the model) and the whole conversation. Tokens
-past the shared prefix are the answer and carry loss; everything before is masked (-100).
-The preflight then checks, before any compute is spent, that
+The examples checked are the ones trained, in their trained prompt shape (with or without the
+system message, see :func:`pipeline.train.data.shape_prompts`). Each example is rendered by the
+tokenizer's own chat template twice: the prompt with the generation prompt (exactly what a
+server sends the model) and the whole conversation. Tokens past the shared prefix are the
+answer and carry loss; everything before is masked (-100). The preflight then checks, before
+any compute is spent, that
 
 * the answer (think section + label) is trained,
 * the end-of-turn token right after it is trained (otherwise the model never learns to stop),
@@ -100,6 +102,26 @@ def render(tokenizer, enc: Encoded):
     return text
 
 
+def shape_name(example: Example) -> str:
+    return "system + user" if example.has_system else "user only"
+
+
+def showcase(examples: Sequence[Example], show: int) -> list[int]:
+    """Indices of ``show`` examples to print: the first of each prompt shape in turn, so a mixed
+    set shows both shapes."""
+    shapes: dict[bool, list[int]] = {}
+    for i, ex in enumerate(examples):
+        shapes.setdefault(ex.has_system, []).append(i)
+    queues = [iter(v) for v in shapes.values()]
+    picked: list[int] = []
+    while len(picked) < min(show, len(examples)):
+        for q in queues:
+            i = next(q, None)
+            if i is not None and len(picked) < show:
+                picked.append(i)
+    return sorted(picked)
+
+
 def run_preflight(
     tokenizer,
     examples: Sequence[Example],
@@ -111,10 +133,13 @@ def run_preflight(
     """Check the loss mask; print ``show`` examples; raise :class:`PreflightError` on trouble."""
     from rich.panel import Panel
 
-    for ex, enc in zip(examples[:show], encoded[:show], strict=False):
-        if console is not None:
-            title = f"preflight {ex.where}: [bold black on green]trained[/] / [dim]masked[/]"
-            console.print(Panel(render(tokenizer, enc), title=title, title_align="left"))
+    for i in showcase(examples, show) if console is not None else []:
+        ex = examples[i]
+        title = (
+            f"preflight {ex.where} ({shape_name(ex)}): "
+            "[bold black on green]trained[/] / [dim]masked[/]"
+        )
+        console.print(Panel(render(tokenizer, encoded[i]), title=title, title_align="left"))
     for ex, enc in zip(examples, encoded, strict=True):
         problems = template_problems(tokenizer, enc)
         if problems:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from pipeline.train.config import TrainConfig
-from pipeline.train.data import Dataset, load_dataset
+from pipeline.train.data import Dataset, load_dataset, shape_prompts
 from pipeline.train.preflight import (
     Encoded,
     PreflightError,
@@ -59,7 +59,8 @@ def prepare(
     """
     console = _console()
     ds = data if isinstance(data, Dataset) else load_dataset(data, dataset_name)
-    encoded = [encode(tokenizer, ex) for ex in ds.examples]
+    examples = shape_prompts(ds.examples, config.system_prompt, config.seed)
+    encoded = [encode(tokenizer, ex) for ex in examples]
     lengths = [len(e.input_ids) for e in encoded]
     if config.cutoff_len is None:
         cutoff = percentile_cutoff(lengths, config.cutoff_percentile)
@@ -72,11 +73,18 @@ def prepare(
         f"[bold]cutoff[/] {cutoff} tokens ({why}); {len(encoded)} examples from {ds.path}, "
         f"length min {min(lengths)} / max {max(lengths)}; {cut} truncated"
     )
-    run_preflight(tokenizer, ds.examples, encoded, truncated, config.preflight_examples, console)
+    with_system = sum(ex.has_system for ex in examples)
+    console.print(
+        f"[bold]system prompt[/] {config.system_prompt}: {with_system} examples with the "
+        f"data's system message, {len(examples) - with_system} with the user message only"
+    )
+    run_preflight(tokenizer, examples, encoded, truncated, config.preflight_examples, console)
     console.print(
         "[green]preflight ok[/]: answer and end-of-turn token carry loss in every example"
     )
     info = {
+        "system_prompt": config.system_prompt,
+        "examples_with_system": with_system,
         "data_file": str(ds.path),
         "data_sha256": ds.sha256,
         "num_examples": len(encoded),

@@ -1,7 +1,8 @@
 """A tiny Qwen2-architecture base model for CPU runs (a stand-in for Qwen2.5-7B-Instruct).
 
-Random weights, a byte-level BPE tokenizer trained here on the task's own text, a ChatML chat
-template in the Qwen2.5 style and ``<|im_end|>`` as end of turn. Head size 64, because vLLM's
+Random weights, a byte-level BPE tokenizer trained here on the task's own text, Qwen2.5's
+ChatML chat template (with a generic default system line, never the task's prompt) and
+``<|im_end|>`` as end of turn. Head size 64, because vLLM's
 CPU attention kernels reject smaller heads. Nothing downstream knows the model is tiny: it is
 an ordinary Hugging Face model directory.
 
@@ -26,9 +27,15 @@ SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
 THINK_TOKENS = [THINK_OPEN, THINK_CLOSE]
 HEAD_NORM = 2.0
 HEAD_DIM = 64  # vLLM's CPU attention rejects smaller heads
+# What the template says when a conversation has no system turn. Like Qwen2.5-Instruct's own
+# default ("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.") it is a
+# generic assistant line that knows nothing of the task: a student trained with the task's
+# system prompt meets this line, not its prompt, when a client sends the user message alone.
+DEFAULT_SYSTEM = "You are a tiny Qwen2, built by distill tiny-model. You are a helpful assistant."
 
-# The Qwen2.5 layout: a system turn always comes first (the default one when the caller sends
-# none), then one ChatML block per message, then the open assistant turn on request.
+# Qwen2.5-Instruct's layout (its template without the tool branches): a system turn always
+# comes first - the caller's when the first message is one, else the default line - then one
+# ChatML block per remaining message, then the open assistant turn on request.
 _CHAT_TEMPLATE = """\
 {%- set default_system = DEFAULT_SYSTEM -%}
 {%- if messages[0]['role'] == 'system' -%}
@@ -97,15 +104,15 @@ def split_han(text: str) -> str:
 
 
 def task_texts(task: Task, corpus: Iterable[str], prompt_weight: int = 50) -> Iterator[str]:
-    """The tokenizer's training text: the task's fixed text (weighted, since every example
-    repeats it), its labels and the corpus.
+    """The tokenizer's training text: the task's fixed text and the template's default system
+    line (weighted, since every request repeats them), its labels and the corpus.
 
     Merges between CJK characters are learnt from the fixed text only: in the corpus each
     character stays a token of its own, so a word is split the same way in a headline and in
     a reasoning line that quotes it (a byte-level BPE trained on the headlines themselves
     glues keywords to their neighbours, e.g. one token for a whole four-character phrase,
     and a small model cannot then learn to cite the words it reads)."""
-    fixed = [task.system_prompt, task.user_template.split("{")[0], *task.labels]
+    fixed = [task.system_prompt, DEFAULT_SYSTEM, task.user_template.split("{")[0], *task.labels]
     fixed += ["system\n", "user\n", "assistant\n"]
     for _ in range(prompt_weight):
         yield from fixed
@@ -113,7 +120,7 @@ def task_texts(task: Task, corpus: Iterable[str], prompt_weight: int = 50) -> It
         yield split_han(text)
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int, default_system: str):
+def build_tokenizer(texts: Iterable[str], vocab_size: int, default_system: str = DEFAULT_SYSTEM):
     """Train a byte-level BPE on ``texts`` and wrap it as a transformers tokenizer."""
     from tokenizers import (
         AddedToken,
@@ -176,7 +183,7 @@ def build_tiny_model(
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     corpus = [t for f in corpus_files or [] for t in read_corpus(f)]
-    tokenizer = build_tokenizer(task_texts(task, corpus), vocab_size, task.system_prompt)
+    tokenizer = build_tokenizer(task_texts(task, corpus), vocab_size)
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     config = Qwen2Config(
