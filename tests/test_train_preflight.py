@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.train.config import load_config
-from pipeline.train.data import DataError, load_dataset
+from pipeline.train.data import DataError, load_dataset, shape_prompts
 from pipeline.train.preflight import (
     IGNORE,
     PreflightError,
@@ -97,7 +97,8 @@ def test_cutoff_covers_99th_percentile(tokenizer, tmp_path, news_task):
     config = load_config(TINY_CONFIG)
     assert config.cutoff_len is None
     _, encoded, cutoff, info = prepare(config, tmp_path, tokenizer)
-    lengths = sorted(len(encode(tokenizer, ex).input_ids) for ex in load_dataset(tmp_path).examples)
+    examples = shape_prompts(load_dataset(tmp_path).examples, config.system_prompt, config.seed)
+    lengths = sorted(len(encode(tokenizer, ex).input_ids) for ex in examples)
     assert cutoff == percentile_cutoff(lengths, 99)
     assert sum(n > cutoff for n in lengths) <= 2  # at most 1 % of 200 lose their tail
     assert sum(n <= cutoff for n in lengths) >= 198
@@ -218,8 +219,6 @@ def test_system_prompt_choice_is_what_gets_trained(tokenizer, tmp_path, news_tas
 
 def test_mix_is_seeded_and_shows_both_shapes(tokenizer, dataset):
     from rich.console import Console
-
-    from pipeline.train.data import shape_prompts
 
     mixed = shape_prompts(dataset.examples, "mix", seed=42)
     assert shape_prompts(dataset.examples, "mix", seed=42) == mixed

@@ -39,7 +39,7 @@ class TrainConfig(BaseModel):
     base_model: str = Field(min_length=1, description="HF id or local dir; --base overrides")
     lora: LoraSettings = LoraSettings()
     system_prompt: SystemPrompt = Field(
-        "keep",
+        "drop",
         description="the data's system message: keep it, drop it (train on what a request with "
         "the user message alone renders to) or mix (a seeded half of the examples without it)",
     )
