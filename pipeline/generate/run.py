@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill_common.task import Task, load_task
 from pipeline.generate.client import CallResult, RetryPolicy, TeacherClient, call_with_retries
 from pipeline.generate.inputs import InputRow, read_inputs, split_rows
 from pipeline.generate.ledger import Ledger, Stored, request_key
@@ -26,7 +27,6 @@ from pipeline.generate.normalise import Outcome, normalise
 from pipeline.generate.stats import build_stats, token_counter
 from pipeline.generate.teachers import EndpointPool, TeachersConfig
 from pipeline.generate.writers import alpaca_record, sharegpt_record, write_outputs
-from pipeline.task import Task, load_task
 
 LEDGER = "ledger.sqlite"
 
