@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.generate.client import RetryPolicy  # noqa: E402
-from pipeline.generate.run import GenerateOptions, Runner, run_loop, send_requests  # noqa: E402
+from pipeline.generate.run import send_requests  # noqa: E402
+from pipeline.generate.runner import GenerateOptions, Runner, run_loop  # noqa: E402
 from pipeline.generate.teachers import TeachersConfig, TeacherSpec  # noqa: E402
 from pipeline.generate.workers import available_cores, plan_workers  # noqa: E402
 
@@ -127,12 +128,12 @@ def run_level(
         workers=workers,
     )
     runner = Runner(opts)
-    n_workers = plan_workers(runner)
+    n_workers = plan_workers(opts, sum(d.status == "pending" for d in runner.decisions()))
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     send_requests(runner)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     runner.ledger.close()
-    p = runner.progress
+    p = runner.state
     if p.retries:
         print(f"  retries by reason: {dict(p.retries)}", file=sys.stderr)
     return {
@@ -150,7 +151,7 @@ async def sdk_loop(base_url: str, level: int, requests: int, stream: bool) -> No
     import httpx2
     import openai
 
-    from pipeline.task import load_task
+    from distill_common.task import load_task
 
     task = load_task(ROOT / "configs" / "tasks" / "news.yaml")
     client = openai.AsyncOpenAI(

@@ -313,12 +313,48 @@ def test_workers_take_every_pending_row_exactly_once_from_a_shared_cursor():
 def test_sending_gc_restores_the_collector():
     import gc
 
-    from pipeline.generate.run import GC_THRESHOLD, sending_gc
+    from pipeline.generate.runner import GC_THRESHOLD, sending_gc
 
     before = gc.get_threshold()
     with sending_gc():
         assert gc.get_threshold()[0] == GC_THRESHOLD and gc.get_freeze_count() > 0
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_budget_holds_over_processes_sharing_it():
+    """--max-requests / --budget-tokens: each claim counts one request; once either limit is
+    reached every sharer is refused, with the limit that stopped it."""
+    import multiprocessing as mp
+
+    from pipeline.generate.state import Budget
+
+    shared = mp.get_context().Array("q", 2)
+    a, b = Budget(3, None, shared), Budget(3, None, shared)
+    assert [a.claim(), b.claim(), a.claim()] == [None, None, None]
+    assert b.claim() == a.claim() == "--max-requests 3 reached"
+    tokens = Budget(None, 100)
+    assert tokens.claim() is None
+    tokens.spend(100)
+    assert tokens.claim() == "--budget-tokens 100 reached"
+
+
+def test_run_state_merges_workers_parts():
+    from collections import Counter
+
+    from pipeline.generate.state import EndpointTally, RunState, Snapshot
+
+    a = RunState(done=2, accepted=1, rejected=1, sent=3, tokens=10, retries=Counter(x=1))
+    a.endpoints = {"t": EndpointTally(3, 1, 4)}
+    b = RunState(done=1, accepted=1, sent=1, reused=2, tokens=5, stopped="--max-requests 4")
+    b.failed, b.endpoints = {"k"}, {"t": EndpointTally(1, 0, 4), "u": EndpointTally(2, 0, 1)}
+    total = RunState(total=9, stopped=None)
+    for part in (a, b):
+        total.merge(part)
+    assert total.snapshot(in_flight=2) == Snapshot(3, 2, 1, 4, 2, 15, 2)
+    assert total.snapshot() == a.snapshot() + b.snapshot()
+    assert total.retries == Counter(x=1) and total.failed == {"k"} and total.total == 9
+    assert total.stopped == "--max-requests 4"
+    assert total.endpoints == {"t": EndpointTally(4, 1, 8), "u": EndpointTally(2, 0, 1)}
 
 
 # -- streamed bodies ----------------------------------------------------------------------

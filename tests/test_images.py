@@ -21,6 +21,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.conftest import ROOT
+from tests.imports import imported_names, modules
 
 STAGES = ("generate", "train", "serve", "gateway")
 HADOLINT = Path(sys.executable).parent / "hadolint"
@@ -278,7 +279,7 @@ def test_what_the_image_imports_is_what_it_installs(stage):
 def absent_packages(stage: str) -> list[str]:
     """Our top-level packages the stage's Dockerfile does not COPY."""
     copied = {rest.split()[0] for word, rest in instructions(stage) if word == "COPY"}
-    return [p for p in ("pipeline", "gateway") if p not in copied]
+    return [p for p in ("pipeline", "gateway", "distill_common") if p not in copied]
 
 
 def test_gateway_image_never_imports_torch():
@@ -369,3 +370,49 @@ def test_gateway_healthcheck_command_probes_a_real_gateway(tmp_path):
     down = subprocess.run(cmd, env=env, capture_output=True, timeout=30)
     assert ok.returncode == 0, ok.stderr
     assert down.returncode != 0
+
+
+# ---- the gateway image's own code ----------------------------------------------------------
+
+GATEWAY_IMAGE_PACKAGES = {"gateway", "distill_common"}
+
+
+def test_gateway_image_ships_only_the_gateway_and_the_format_package():
+    copied = {
+        src
+        for word, rest in instructions("gateway")
+        if word == "COPY" and "--from" not in rest
+        for src in rest.split()[:-1]
+        if not src.startswith("--")
+    }
+    assert copied == GATEWAY_IMAGE_PACKAGES | {
+        "pyproject.toml",
+        "README.md",
+        "images/gateway/requirements.lock",
+    }
+
+
+def test_everything_the_gateway_imports_is_in_its_image():
+    """Every import in the copied packages (function-level ones too) is one of them, the
+    standard library or a package the gateway lock installs; never ``pipeline``."""
+    owners = metadata.packages_distributions()
+    installed = set(lock("gateway"))
+    missing = []
+    for module, path in modules(*GATEWAY_IMAGE_PACKAGES).items():
+        for name in imported_names(module, path):
+            top = name.split(".")[0]
+            dists = {canonicalize_name(d) for d in owners.get(top, [])}
+            if top in GATEWAY_IMAGE_PACKAGES or top in sys.stdlib_module_names:
+                continue
+            if not dists or not dists & installed:
+                missing.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not missing, missing
+
+
+def test_the_format_package_needs_only_pydantic_and_pyyaml():
+    tops = {
+        name.split(".")[0]
+        for module, path in modules("distill_common").items()
+        for name in imported_names(module, path)
+    }
+    assert tops - set(sys.stdlib_module_names) == {"distill_common", "pydantic", "yaml"}

@@ -96,13 +96,13 @@ def generate(
     Held-out inputs (--test-ratio) are asked once, without the gold filter; test.json keeps
     every one of them with its gold `label` and the teacher's `teacher_label`.
     """
+    from distill_common.task import TaskError
     from pipeline.generate.client import FatalError, RetryPolicy
     from pipeline.generate.inputs import InputError
     from pipeline.generate.run import GenerateOptions, run_generate
     from pipeline.generate.stats import TokenizerError
     from pipeline.generate.teachers import TeacherConfigError
     from pipeline.generate.workers import WorkerError
-    from pipeline.task import TaskError
 
     try:
         cfg = _teachers(teachers, teacher_url, teacher_model, api_key_env, concurrency)

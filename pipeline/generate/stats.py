@@ -11,10 +11,12 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from pipeline.generate.run import Decision, Runner
+from pipeline.generate.ledger import Stored
+from pipeline.generate.runner import Decision
+from pipeline.generate.state import RunState
+from pipeline.generate.teachers import Price
 
 
 def percentiles(values: list[int]) -> dict[str, float] | None:
@@ -69,11 +71,12 @@ def token_counter(tokenizer_dir: Path) -> Callable[[list[str]], list[int]]:
     return lambda texts: [len(hf(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
-def _usage_totals(runner: Runner) -> tuple[dict[str, int], float | None]:
+def _usage_totals(
+    answers: list[Stored], prices: dict[str, Price | None]
+) -> tuple[dict[str, int], float | None]:
     totals = Counter()
-    prices = {t.name: t.price_per_million for t in runner.opts.teachers.teachers}
     cost, priced = 0.0, False
-    for st in _mine(runner):
+    for st in answers:
         usage = st.response.get("usage")
         if not st.ok or not usage:
             continue
@@ -94,13 +97,45 @@ def _usage_totals(runner: Runner) -> tuple[dict[str, int], float | None]:
     return {k: totals[k] for k in keys}, (round(cost, 6) if priced else None)
 
 
-def _mine(runner: Runner) -> list:
-    """Ledger rows that belong to this run's inputs and settings (a ledger may hold more)."""
-    return [runner.stored[k] for keys in runner.keys.values() for k in keys if k in runner.stored]
+def run_section(state: RunState, elapsed: float) -> dict[str, Any]:
+    """``stats.json``'s ``run`` section: what this invocation did."""
+    return {
+        "requests_sent": state.sent,
+        "reused_from_ledger": state.reused,
+        "retries": sum(state.retries.values()),
+        "retries_by_reason": dict(sorted(state.retries.items())),
+        "tokens": state.tokens,
+        "stopped": state.stopped,
+        "endpoints": {
+            name: {
+                "attempts": tally.attempts,
+                "throttled_429": tally.throttled,
+                "concurrency_limit_at_end": tally.limit,
+            }
+            for name, tally in state.endpoints.items()
+        },
+        "elapsed_s": round(elapsed, 2),
+    }
 
 
-def build_stats(runner: Runner, decisions: list[Decision], elapsed: float) -> dict[str, Any]:
-    """The whole ``stats.json`` document."""
+def build_stats(
+    decisions: list[Decision],
+    answers: list[Stored],
+    state: RunState,
+    *,
+    header: dict[str, Any],
+    duplicates: int,
+    ledger_rows: int,
+    prices: dict[str, Price | None],
+    count_tokens: Callable[[list[str]], list[int]] | None,
+    elapsed: float,
+) -> dict[str, Any]:
+    """The whole ``stats.json`` document.
+
+    ``decisions``: every row's verdict, in input order; ``answers``: the ledger rows of this
+    run's requests; ``header``: the run's settings, written first as they are;
+    ``prices``: each endpoint's price per million tokens, if it has one.
+    """
     train = [d for d in decisions if d.row.split == "train"]
     test = [d for d in decisions if d.row.split == "test"]
     accepted = [d for d in train if d.status == "accepted"]
@@ -109,21 +144,16 @@ def build_stats(runner: Runner, decisions: list[Decision], elapsed: float) -> di
     reasoning = [d.outcome.reasoning or "" for d in accepted if d.outcome]
     answered = [d for d in test if d.outcome and d.outcome.label]
     correct = sum(d.outcome.label == d.row.gold for d in answered if d.outcome)
-    tokens, cost = _usage_totals(runner)
-    p = runner.progress
-    stats: dict[str, Any] = {
-        "task": runner.task.name,
-        "teacher_model": runner.model,
-        "params": runner.opts.params,
-        "samples": runner.opts.samples,
-        "require_gold_match": runner.opts.require_gold_match,
+    tokens, cost = _usage_totals(answers, prices)
+    return {
+        **header,
         "inputs": {
-            "rows": len(runner.rows),
-            "duplicates_dropped": runner.duplicates,
+            "rows": len(decisions),
+            "duplicates_dropped": duplicates,
             "train": len(train),
             "test": len(test),
             # "input": every row named its split (--test-ratio and --seed unused)
-            "split": "input" if runner.rows and runner.rows[0].fixed_split else "seeded",
+            "split": "input" if decisions and decisions[0].row.fixed_split else "seeded",
         },
         "complete": all(d.status != "pending" for d in decisions),
         "accepted": len(accepted),
@@ -139,32 +169,13 @@ def build_stats(runner: Runner, decisions: list[Decision], elapsed: float) -> di
             "accuracy": round(correct / len(test), 4) if test else None,
         },
         "reasoning_chars": percentiles([len(r) for r in reasoning]),
-        "reasoning_tokens": (
-            percentiles(runner.count_tokens(reasoning)) if runner.count_tokens else None
-        ),
+        "reasoning_tokens": percentiles(count_tokens(reasoning)) if count_tokens else None,
         "requests": {
-            "answered": sum(st.ok for st in _mine(runner)),
-            "failed": sum(not st.ok for st in _mine(runner)),
-            "ledger_rows": len(runner.stored),
+            "answered": sum(st.ok for st in answers),
+            "failed": sum(not st.ok for st in answers),
+            "ledger_rows": ledger_rows,
         },
         "tokens": tokens,
         "cost": cost,
-        "run": {
-            "requests_sent": p.sent,
-            "reused_from_ledger": p.reused,
-            "retries": sum(p.retries.values()),
-            "retries_by_reason": dict(sorted(p.retries.items())),
-            "tokens": p.tokens,
-            "stopped": p.stopped,
-            "endpoints": {
-                ep.name: {
-                    "attempts": ep.attempts,
-                    "throttled_429": ep.throttled,
-                    "concurrency_limit_at_end": int(ep.limit),
-                }
-                for ep in (runner.pool.endpoints if runner.pool else [])
-            },
-            "elapsed_s": round(elapsed, 2),
-        },
+        "run": run_section(state, elapsed),
     }
-    return stats

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.yamlfile import load_yaml_model
+from distill_common.yamlfile import load_yaml_model
 
 
 class TeacherConfigError(ValueError):

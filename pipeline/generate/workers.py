@@ -34,9 +34,19 @@ import signal
 import sys
 import threading
 import traceback
-from collections import Counter
 from collections.abc import Callable
 
+from pipeline.generate.client import FatalError, tls_context
+from pipeline.generate.ledger import Stored
+from pipeline.generate.runner import (
+    Decision,
+    GenerateOptions,
+    Plan,
+    Runner,
+    run_loop,
+    sending_gc,
+)
+from pipeline.generate.state import Budget, EndpointTally, RunState, Snapshot, progress_bar
 from pipeline.generate.teachers import EndpointPool, TeachersConfig, TeacherSpec
 
 # auto: one more worker per this many requests in flight / pending rows. Each wave of N
@@ -51,11 +61,9 @@ class WorkerError(RuntimeError):
     """A worker process failed (its message says why; the ledger keeps every answer)."""
 
 
-def plan_workers(runner) -> int:
-    """How many processes send requests: ``opts.workers``, or auto (1 for small runs)."""
-    opts = runner.opts
+def plan_workers(opts: GenerateOptions, pending: int) -> int:
+    """How many processes send ``pending`` rows: ``opts.workers``, or auto (1 for small runs)."""
     capacity = EndpointPool(opts.teachers.teachers, global_limit=opts.concurrency).capacity
-    pending = sum(d.status == "pending" for d in runner.decisions())
     if opts.workers is not None:
         n = opts.workers
     else:
@@ -137,31 +145,25 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def _snapshot(runner) -> tuple:
-    p = runner.progress
-    return (p.done, p.accepted, p.rejected, p.sent, p.reused, p.tokens, runner.pool.in_flight)
+def _worker_runner(
+    source: tuple[Plan, dict[str, Stored]] | None,
+    opts: GenerateOptions,
+    row_ids: list[str],
+    shared,
+) -> Runner:
+    """The worker's Runner over the pending rows, under the budget all workers share.
 
-
-_INHERITED: list = []  # the parent's ledger handle, never touched (nor closed) after a fork
-
-
-def _worker_runner(source, opts, row_ids: list[str], shared):
-    """The worker's Runner: the parent's own (forked) or, under spawn, one built from opts."""
-    from pipeline.generate.ledger import Ledger
-    from pipeline.generate.run import LEDGER, Progress, Runner
-
-    if isinstance(source, Runner):  # fork: inputs, keys and ledger contents are inherited
-        runner = source
-        _INHERITED.append(runner.ledger)
-        runner.ledger = Ledger(opts.out / LEDGER)  # SQLite handles must not cross a fork
-        runner.opts, runner.pool, runner.failed_this_run = opts, None, set()
-    else:
-        runner = Runner(opts)
-    by_id = {r.id: r for r in runner.rows}
-    runner.rows = [by_id[i] for i in row_ids]  # every pending row, in the parent's order
-    runner.progress = Progress(total=len(runner.rows))
-    runner.shared = shared
-    return runner
+    ``source`` is the parent's plan and ledger contents, inherited by a forked worker (nothing
+    read again); under spawn (``None``) the worker reads them itself. Either way it opens its
+    own ledger connection: SQLite handles must not cross a fork, and the parent's stays
+    untouched in the child (it is only referenced from the parent's frames, which a forked
+    child never returns to).
+    """
+    budget = Budget(opts.max_requests, opts.budget_tokens, shared)
+    if source is None:
+        return Runner(opts, Plan.load(opts).only(row_ids), budget=budget)
+    plan, stored = source
+    return Runner(opts, plan.only(row_ids), stored=stored, budget=budget)
 
 
 def _cursor(rows: list, cursor) -> Callable:
@@ -186,11 +188,8 @@ def worker_main(source, opts, row_ids: list[str], shared, cursor, conn) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     try:
-        from pipeline.generate.client import FatalError
-        from pipeline.generate.run import run_loop, sending_gc
-
         runner = _worker_runner(source, opts, row_ids, shared)
-        next_row = _cursor(runner.rows, cursor)
+        next_row = _cursor(runner.plan.rows, cursor)
 
         async def main() -> None:
             import asyncio
@@ -198,8 +197,7 @@ def worker_main(source, opts, row_ids: list[str], shared, cursor, conn) -> None:
             async def report() -> None:
                 while True:
                     await asyncio.sleep(REPORT_S)
-                    if runner.pool is not None:
-                        conn.send(("progress", _snapshot(runner)))
+                    conn.send(("progress", runner.snapshot()))
 
             reporter = asyncio.create_task(report())
             try:
@@ -215,22 +213,7 @@ def worker_main(source, opts, row_ids: list[str], shared, cursor, conn) -> None:
             return
         finally:
             runner.ledger.close()
-        p = runner.progress
-        conn.send(
-            (
-                "final",
-                {
-                    "progress": _snapshot(runner)[:-1],
-                    "retries": dict(p.retries),
-                    "stopped": p.stopped,
-                    "failed": sorted(runner.failed_this_run),
-                    "endpoints": {
-                        ep.name: (ep.attempts, ep.throttled, int(ep.limit))
-                        for ep in runner.pool.endpoints  # type: ignore[union-attr]
-                    },
-                },
-            )
-        )
+        conn.send(("final", runner.state))
     except BaseException:  # anything else: tell the parent, then exit
         conn.send(("error", traceback.format_exc(limit=8)))
     finally:
@@ -240,30 +223,29 @@ def worker_main(source, opts, row_ids: list[str], shared, cursor, conn) -> None:
 # -- the parent ------------------------------------------------------------------------------
 
 
-def run_in_workers(runner, n: int) -> None:
-    """Send the runner's pending rows through ``n`` worker processes; fold their results in."""
-    from pipeline.generate.client import FatalError, tls_context
-    from pipeline.generate.run import _progress_bar
-
-    opts = runner.opts
-    p = runner.progress
-    pending = []
-    for d in runner.decisions():
+def _answered(decisions: list[Decision]) -> RunState:
+    """The rows the ledger has answered already, counted as the in-process runner counts them."""
+    state = RunState()
+    for d in decisions:
         if d.status == "pending":
-            pending.append(d.row.id)
-        else:  # answered by the ledger already: counted here, as the in-process path does
-            p.done += 1
-            p.reused += (d.sample or 0) + 1
-            if d.status == "accepted":
-                p.accepted += 1
-            else:
-                p.rejected += 1
-    base = (p.done, p.accepted, p.rejected, p.sent, p.reused, p.tokens)
+            continue
+        state.done += 1
+        state.reused += (d.sample or 0) + 1
+        if d.status == "accepted":
+            state.accepted += 1
+        else:
+            state.rejected += 1
+    return state
+
+
+def _start(runner: Runner, n: int, pending: list[str]) -> tuple[list, list]:
+    """Fork (spawn where fork does not exist) ``n`` workers over ``pending``: (processes, pipes)."""
+    opts = runner.opts
     parts = split_teachers(opts.teachers, opts.concurrency, n)
     # fork: workers start at once and inherit the parsed inputs and ledger (no re-import of
     # the SDK, no re-read); spawn where fork does not exist
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    forked = ctx.get_start_method() == "fork"
+    source = (runner.plan, runner.stored) if ctx.get_start_method() == "fork" else None
     sys.stdout.flush()
     sys.stderr.flush()
     shared = ctx.Array("q", 2)  # requests sent, tokens used: by all workers together
@@ -272,13 +254,11 @@ def run_in_workers(runner, n: int) -> None:
         tls_context()  # built once here, inherited by forked workers
     procs, conns = [], []
     for i, (cfg, cap) in enumerate(parts):
-        wopts = dataclasses.replace(
-            opts, teachers=cfg, concurrency=cap, quiet=True, tokenizer=None, workers=1
-        )
+        wopts = dataclasses.replace(opts, teachers=cfg, concurrency=cap)
         parent_end, child_end = ctx.Pipe(duplex=False)
         proc = ctx.Process(
             target=worker_main,
-            args=(runner if forked else None, wopts, pending, shared, cursor, child_end),
+            args=(source, wopts, pending, shared, cursor, child_end),
             name=f"generate-worker-{i}",
             daemon=True,
         )
@@ -286,78 +266,60 @@ def run_in_workers(runner, n: int) -> None:
         child_end.close()
         procs.append(proc)
         conns.append(parent_end)
+    return procs, conns
 
-    snaps: dict[int, tuple] = {}
-    finals: dict[int, dict] = {}
-    bar = None if opts.quiet else _progress_bar(runner)
+
+def run_in_workers(runner: Runner, n: int) -> None:
+    """Send the runner's pending rows through ``n`` worker processes; fold their results into
+    ``runner.state`` and its view of the ledger."""
+    opts = runner.opts
+    decisions = runner.decisions()
+    pending = [d.row.id for d in decisions if d.status == "pending"]
+    answered = _answered(decisions)
+    latest: dict[int, Snapshot] = {}  # each worker's last report
+    finals: dict[int, RunState] = {}
+    shown = answered.snapshot()  # what the progress bar reads (replaced, never mutated)
+
+    procs, conns = _start(runner, n, pending)
     try:
-        if bar:
-            bar.start()
-        open_conns = dict(enumerate(conns))
-        while open_conns:
-            for c in mpc.wait(list(open_conns.values()), timeout=1.0):
-                i = next(k for k, v in open_conns.items() if v is c)
-                try:
-                    kind, payload = c.recv()
-                except EOFError:
-                    del open_conns[i]
-                    if i not in finals:
-                        procs[i].join(5)
-                        raise WorkerError(
-                            f"generate worker {i} died (exit code {procs[i].exitcode}); "
-                            "every answer received is in the ledger: re-run to resume"
-                        ) from None
-                    continue
-                if kind == "progress":
-                    snaps[i] = payload
-                elif kind == "final":
-                    finals[i] = payload
-                    snaps[i] = (*payload["progress"], 0)
-                elif kind == "fatal":
-                    raise FatalError(payload)
-                else:
-                    raise WorkerError(f"generate worker {i} failed:\n{payload}")
-                _fold(p, base, snaps.values())
+        with progress_bar(runner.state.total, lambda: shown, show=not opts.quiet):
+            open_conns = dict(enumerate(conns))
+            while open_conns:
+                for c in mpc.wait(list(open_conns.values()), timeout=1.0):
+                    i = next(k for k, v in open_conns.items() if v is c)
+                    try:
+                        kind, payload = c.recv()
+                    except EOFError:
+                        del open_conns[i]
+                        if i not in finals:
+                            procs[i].join(5)
+                            raise WorkerError(
+                                f"generate worker {i} died (exit code {procs[i].exitcode}); "
+                                "every answer received is in the ledger: re-run to resume"
+                            ) from None
+                        continue
+                    if kind == "progress":
+                        latest[i] = payload
+                    elif kind == "final":
+                        finals[i] = payload
+                        latest[i] = payload.snapshot()
+                    elif kind == "fatal":
+                        raise FatalError(payload)
+                    else:
+                        raise WorkerError(f"generate worker {i} failed:\n{payload}")
+                    shown = sum(latest.values(), answered.snapshot())
     finally:
         for proc in procs:  # on an error or Ctrl-C: stop the others (answers are committed)
             if proc.is_alive():
                 proc.kill()
         for proc in procs:
             proc.join(10)
-        if bar:
-            bar.stop()
 
-    _fold(p, base, snaps.values())
-    p.in_flight = 0
-    for f in finals.values():
-        p.retries.update(Counter(f["retries"]))
-        p.stopped = p.stopped or f["stopped"]
-        runner.failed_this_run.update(f["failed"])
-    runner.stored = runner.ledger.load()  # everything the workers committed
-    pool = runner.pool = EndpointPool(opts.teachers.teachers, global_limit=opts.concurrency)
-    for ep in pool.endpoints:
-        ep.limit = 0.0
-        for f in finals.values():
-            attempts, throttled, limit = f["endpoints"].get(ep.name, (0, 0, 0))
-            ep.attempts += attempts
-            ep.throttled += throttled
-            ep.limit += limit
-
-
-def _fold(p, base: tuple, snaps) -> None:
-    """Parent counters = rows the ledger answered + every worker's latest report."""
-    done, acc, rej, sent, reused, tokens = base
-    fl = 0
-    for s in snaps:
-        done, acc, rej = done + s[0], acc + s[1], rej + s[2]
-        sent, reused, tokens = sent + s[3], reused + s[4], tokens + s[5]
-        fl += s[6]
-    p.done, p.accepted, p.rejected, p.sent, p.reused, p.tokens, p.in_flight = (
-        done,
-        acc,
-        rej,
-        sent,
-        reused,
-        tokens,
-        fl,
-    )
+    state = runner.state
+    for part in (answered, *finals.values()):
+        state.merge(part)
+    # every endpoint, in the configured order, whether or not a worker used it
+    state.endpoints = {
+        t.name: state.endpoints.get(t.name, EndpointTally()) for t in opts.teachers.teachers
+    }
+    runner.reload()  # everything the workers committed
