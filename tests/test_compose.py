@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sample_input
 
 COMPOSE_FILE = ROOT / "docker-compose.gpu.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -500,6 +500,36 @@ def test_with_server_fails_when_the_server_dies_or_never_answers(tmp_path):
                         env={"WITH_SERVER_TIMEOUT": "2"})  # fmt: skip
     assert proc.returncode == 3 and "did not answer within 2 s" in proc.stderr
     assert not ran.exists()
+
+
+@pytest.mark.slow
+def test_local_teacher_job_runs_generate_against_a_teacher_it_serves_itself(tmp_path):
+    """The generate-local job's shape, run for real with the stand-in as the served teacher:
+    the rendered client command (its paths moved to tmp) generates the data through
+    with-server, and the teacher is gone when the job ends."""
+    from tests.conftest import free_port
+
+    s = rendered_all_profiles()["services"]
+    _, _, client = with_server_parts(s["generate-local"])
+    port = free_port()
+    pidfile = tmp_path / "teacher.pid"
+    server = ["sh", "-c", f'echo $$ > {pidfile}; exec "$@"', "sh", sys.executable, "-m",
+              "pipeline.cli", "teacher-standin", "--port", str(port), "--model",
+              option(client, "--teacher-model")]  # fmt: skip
+    args = client[1:]
+    for flag, value in (("--out", str(tmp_path / "data")),
+                        ("--teacher-url", f"http://127.0.0.1:{port}/v1"),
+                        ("--input", str(sample_input(tmp_path, 12)))):  # fmt: skip
+        args[args.index(flag) + 1] = value
+    proc = subprocess.run(
+        ["sh", str(WITH_SERVER), f"http://127.0.0.1:{port}/health", "--", *server, "--",
+         sys.executable, "-m", "pipeline.cli", *args, "--quiet"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads((tmp_path / "data" / "stats.json").read_text())
+    assert out["accepted"] + out["rejected"] + out["inputs"]["test"] == 12
+    assert not _alive(int(pidfile.read_text())), "the teacher outlived the job"
 
 
 @pytest.mark.parametrize("args", [[], ["url", "--", "srv"], ["url", "--", "srv", "--"],
