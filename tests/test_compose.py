@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 from functools import cache
@@ -711,3 +712,26 @@ def test_open_webui_is_off_by_default_and_talks_to_the_gateway_with_a_key():
     assert {m["target"] for m in ui["volumes"]} == {"/app/backend/data"}
     readme = (ROOT / "README.md").read_text()
     assert "Open WebUI" in readme and "ui" in env_example()["COMPOSE_PROFILES"] + readme
+
+
+def test_make_env_fills_in_fresh_secrets_privately(tmp_path):
+    """`make .env` gives every install its own gateway key (shared with Open WebUI) and Grafana
+    password, in a file only its owner reads, and stops so the teacher key can be added."""
+    shutil.copy(ENV_EXAMPLE, tmp_path / ".env.example")
+    values = []
+    for _ in range(2):
+        (tmp_path / ".env").unlink(missing_ok=True)
+        proc = subprocess.run(
+            ["make", "-f", str(ROOT / "mk" / "containers.mk"), ".env"],
+            capture_output=True, text=True, cwd=tmp_path, timeout=30,
+        )  # fmt: skip
+        assert proc.returncode != 0 and "set TEACHER_API_KEY" in proc.stdout + proc.stderr
+        env = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", (tmp_path / ".env").read_text(), re.M))
+        assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600
+        assert env["GATEWAY_API_KEYS"] and env["UI_GATEWAY_KEY"] == env["GATEWAY_API_KEYS"]
+        assert len(env["GRAFANA_ADMIN_PASSWORD"]) >= 32 and env["TEACHER_API_KEY"] == ""
+        assert {k: v for k, v in env.items() if k not in SECRET_VARS} == {
+            k: v for k, v in env_example().items() if k not in SECRET_VARS
+        }
+        values.append((env["GATEWAY_API_KEYS"], env["GRAFANA_ADMIN_PASSWORD"]))
+    assert values[0][0] != values[1][0] and values[0][1] != values[1][1]  # fresh each time
