@@ -735,3 +735,21 @@ def test_make_env_fills_in_fresh_secrets_privately(tmp_path):
         }
         values.append((env["GATEWAY_API_KEYS"], env["GRAFANA_ADMIN_PASSWORD"]))
     assert values[0][0] != values[1][0] and values[0][1] != values[1][1]  # fresh each time
+
+
+def test_vllm_itself_resolves_the_image_env_to_no_usage_stats_and_the_cache_volume():
+    """vLLM's own code (the release the CPU tests run), given the serve image's environment:
+    usage stats are off and its compile cache is where compose mounts the named volume."""
+    env = {"PATH": os.environ["PATH"], **_image_env("serve")}
+    probe = (
+        "import vllm.envs as e, vllm.usage.usage_lib as u; "
+        "print(e.VLLM_CACHE_ROOT); print(u.is_usage_stats_enabled())"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    cache_root, enabled = proc.stdout.split()[-2:]
+    assert enabled == "False"
+    targets = {m["target"] for m in services()["vllm"]["volumes"] if m["type"] == "volume"}
+    assert cache_root in targets
