@@ -25,7 +25,7 @@ ROUND_TO = 128  # cutoff_len is rounded up to a multiple of this
 SERVE_MARGIN = 1.25  # suggested vLLM max_model_len: this much over the p99 sequence
 
 # The lesson trains Qwen2.5-7B-Instruct with LLaMA-Factory's LoRA SFT; the values are the ones
-# configs/train/qwen2.5-7b-lora.yaml uses (tests/test_generate_units.py keeps them equal).
+# configs/train/qwen2.5-7b-lora.yaml uses (tests/test_generate_handoff.py keeps them equal).
 LORA_SFT = {
     "model_name_or_path": "Qwen/Qwen2.5-7B-Instruct",
     "template": "qwen",
