@@ -34,6 +34,9 @@ SECRET_CMD = od -An -tx1 -N24 /dev/urandom | tr -d ' \n'
 	@false
 
 up: .env
+	@echo "$${COMPOSE_PROFILES:-$$(grep -E '^COMPOSE_PROFILES=' .env | cut -d= -f2)}" \
+		| grep -Eq '(^|,)(api|local)-teacher(,|$$)' \
+		|| { echo "COMPOSE_PROFILES (in .env) must name api-teacher or local-teacher: which generate runs" >&2; exit 2; }
 	@echo "Starting; this waits for generate -> train -> merge -> vLLM (hours for a 7B)."
 	@echo "Follow it from another terminal: make logs (or make logs SERVICE=train)."
 	$(DC) up --build --detach
