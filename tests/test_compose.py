@@ -753,3 +753,22 @@ def test_vllm_itself_resolves_the_image_env_to_no_usage_stats_and_the_cache_volu
     assert enabled == "False"
     targets = {m["target"] for m in services()["vllm"]["volumes"] if m["type"] == "volume"}
     assert cache_root in targets
+
+
+def test_make_up_needs_a_teacher_profile(tmp_path):
+    """Without api-teacher or local-teacher no generate would run, and train would start on
+    no data: `make up` says so instead."""
+    text = ENV_EXAMPLE.read_text()
+    for profiles, ok in (("ui", False), ("eval,local-teacher", True), ("api-teacher", True)):
+        env = re.sub(r"^COMPOSE_PROFILES=.*$", f"COMPOSE_PROFILES={profiles}", text, flags=re.M)
+        (tmp_path / ".env").write_text(env)
+        proc = subprocess.run(
+            ["make", "-f", str(ROOT / "mk" / "containers.mk"), "up",
+             "DOCKER_COMPOSE=echo compose-would-run"],
+            capture_output=True, text=True, cwd=tmp_path, timeout=30,
+            env={k: v for k, v in os.environ.items() if k != "COMPOSE_PROFILES"},
+        )  # fmt: skip
+        assert (proc.returncode == 0) == ok, (profiles, proc.stderr)
+        assert ("compose-would-run" in proc.stdout) == ok
+        if not ok:
+            assert "must name api-teacher or local-teacher" in proc.stderr
