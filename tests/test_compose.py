@@ -707,6 +707,8 @@ def test_open_webui_is_off_by_default_and_talks_to_the_gateway_with_a_key():
     assert env["OPENAI_API_KEY"] == "sk-ui"
     assert env["OPENAI_API_KEY"] in gw["environment"]["GATEWAY_API_KEYS"].split(",")
     assert env["ENABLE_OLLAMA_API"] == "false"
+    assert env["ENABLE_PERSISTENT_CONFIG"] == "false"  # a new key in .env takes effect
+    assert env["ENABLE_VERSION_UPDATE_CHECK"] == "false"
     assert ui["depends_on"]["gateway"]["condition"] == "service_healthy"
     assert ui["image"].startswith("ghcr.io/open-webui/open-webui:v")
     assert {m["target"] for m in ui["volumes"]} == {"/app/backend/data"}
