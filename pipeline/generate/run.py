@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pipeline.generate import lengths
 from pipeline.generate.runner import GenerateOptions, Plan, Runner, run_loop, sending_gc
 from pipeline.generate.state import progress_bar
 from pipeline.generate.stats import build_stats, token_counter
@@ -82,6 +83,7 @@ def write(
         count_tokens=count_tokens,
         elapsed=elapsed,
     )
+    stats["lengths"] = lengths.measure(train, count_tokens, cutoff_len=opts.cutoff_len)
     write_outputs(
         opts.out,
         task_name=runner.plan.task.name,
@@ -90,6 +92,9 @@ def write(
         sharegpt=sharegpt,
         rejects=rejects,
         stats=stats,
+        llamafactory=lengths.llamafactory_yaml(
+            runner.plan.task.name, opts.out.resolve(), stats["lengths"]
+        ),
     )
     return stats
 
@@ -102,7 +107,12 @@ def run_generate(opts: GenerateOptions) -> dict[str, Any]:
     count_tokens = token_counter(opts.tokenizer) if opts.tokenizer else None
     runner = Runner(opts, plan)
     try:
-        send_requests(runner)
+        # a re-run the ledger answers completely needs no teacher (nor its key)
+        decisions = runner.decisions()
+        if any(d.status == "pending" for d in decisions):
+            send_requests(runner)
+        else:  # every answer read back, counted as the sending path counts them
+            runner.state.reused = sum((d.sample or 0) + 1 for d in decisions)
         return write(runner, time.monotonic() - start, count_tokens)
     finally:
         runner.ledger.close()

@@ -55,6 +55,7 @@ class GenerateOptions:
     quiet: bool = False
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     workers: int | None = None  # processes sending requests; None = auto (see workers.py)
+    cutoff_len: int | None = None  # training cutoff to check the data against (lengths.py)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -114,10 +115,10 @@ class Plan:
         task = load_task(opts.task)
         inputs = read_inputs(opts.input, task, require_gold=opts.require_gold_match)
         rows = split_rows(inputs.rows, test_ratio=opts.test_ratio, seed=opts.seed)
-        model = opts.teachers.key_model
+        model, options = opts.teachers.key_model, opts.teachers.key_options
         keys = {
             row.id: [
-                request_key(row.messages, model, opts.params, s)
+                request_key(row.messages, model, opts.params, s, options)
                 for s in range(opts.samples if row.split == "train" else 1)
             ]
             for row in rows
