@@ -60,7 +60,7 @@ class Gateway:
         self.metrics = Metrics()
         self.pool = UpstreamPool(settings, self.metrics)
         self.auth = Authenticator(load_keys(settings))
-        self.models = KnownModels(settings.models)
+        self.models = KnownModels([*settings.models, *settings.tasks])
         self.tasks = TaskRegistry.load(settings.tasks)
         self.features = Features(
             self.tasks, self.metrics.registry,

@@ -51,7 +51,9 @@ def _client_max(base: dict[str, Any]) -> int | None:
 
 def phase1_body(base: dict[str, Any], plan: Plan) -> tuple[dict[str, Any], bool]:
     """Phase 1's request, and whether its ``max_tokens`` is the budget (not the client's)."""
-    body = {k: v for k, v in base.items() if k not in ("stop", "include_stop_str_in_output")}
+    # The client's stop strings and minimum length are about the answer: phase 2's.
+    skip = ("stop", "include_stop_str_in_output", "min_tokens")
+    body = {k: v for k, v in base.items() if k not in skip}
     body["stop"] = [THINK_CLOSE]
     body.pop("max_completion_tokens", None)
     limit = _client_max(base)

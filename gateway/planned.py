@@ -64,6 +64,15 @@ class FeatureMetrics:
             registry=registry,
         )
 
+    def start(self, model: str) -> None:
+        """Zero-valued series for a model with a task, so dashboards have them from the start."""
+        self.hits.labels(model)
+        for reason in ("budget", "none", "unclosed"):
+            self.forced.labels(model, reason)
+        self.used.labels(model)
+        self.constrained.labels(model)
+        self.injected.labels(model)
+
     def observe(self, model: str, report: Report) -> None:
         if report.hit:
             self.hits.labels(model).inc()
@@ -90,6 +99,8 @@ class Features:
         self.table = budgets or BudgetTable()
         self.inject = inject_system_prompt
         self.metrics = FeatureMetrics(registry)
+        for model in tasks.models():
+            self.metrics.start(model)
 
     def prepare(self, data: dict[str, Any], label: Callable[[str], str]) -> Plan | None:
         """Inject the system prompt (if on) and plan the request; ``label`` maps the model

@@ -281,9 +281,20 @@ def run_demo(
             for name, url in urls.items():
                 argv += ["--endpoint", f"{name}={url}@{models[name]}"]
             times["eval"] = run_stage("eval", argv)
+        sweep_out = paths.out / "budget"  # the reasoning-budget curve, through the gateway
+        if needed("budget sweep", sweep_out / "budget.json", sweep_out):
+            from pipeline.budget_sweep import demo_sweep
+
+            url = svc.vllm({"student": paths.student})["student"]
+            max_tokens = answer_token_budget(paths.data, paths.base)
+            test_json = paths.data / "test.json"
+            times["budget sweep"] = demo_sweep(url, task, test_json, sweep_out, max_tokens)
     if times:
         times["total"] = time.monotonic() - started
     print_summary(paths.eval / "summary.json", paths, times, table="eval" not in times)
+    from pipeline.budget_sweep import print_saved
+
+    print_saved(paths.out / "budget")
 
 
 def demo(

@@ -244,6 +244,12 @@ def teacher_records(rows: list[dict[str, Any]], task: Task) -> list[dict[str, An
 # --------------------------------------------------------------------------- querying
 
 
+def reasoning_tokens(usage: Any) -> int | None:
+    """``usage.completion_tokens_details.reasoning_tokens`` when the server reports it."""
+    details = getattr(usage, "completion_tokens_details", None)
+    return getattr(details, "reasoning_tokens", None)
+
+
 @dataclass
 class QueryConfig:
     """Sampling and client settings shared by all endpoints."""
@@ -310,6 +316,7 @@ async def _query_endpoint(
                     message = resp.choices[0].message.model_dump()
                     record["latency_s"] = time.perf_counter() - start
                     record["finish_reason"] = resp.choices[0].finish_reason
+                    record["reasoning_tokens"] = reasoning_tokens(resp.usage)
                     record["message"] = {
                         k: message.get(k)
                         for k in ("content", "reasoning_content", "reasoning")
@@ -567,6 +574,26 @@ def evaluate(
 # --------------------------------------------------------------------------- command
 
 
+def reasoning_request(
+    body: dict[str, Any], effort: str | None, budget: str | None
+) -> list[int | None] | None:
+    """Add ``--reasoning-effort``/``--reasoning-budget`` to the request ``body``; return the
+    budgets to sweep when more than one is given (else ``None``)."""
+    if effort is not None and budget is not None:
+        raise EvalError("give --reasoning-effort or --reasoning-budget, not both")
+    if effort is not None:
+        body["reasoning_effort"] = effort
+    if budget is None:
+        return None
+    from pipeline.budget_sweep import budget_fields, parse_budgets
+
+    budgets = parse_budgets(budget)
+    if len(budgets) > 1:
+        return budgets
+    body.update(budget_fields(budgets[0]))
+    return None
+
+
 def eval_cmd(
     endpoint: Annotated[
         list[str],
@@ -591,6 +618,17 @@ def eval_cmd(
         str | None,
         typer.Option(help="JSON merged into each request body, e.g. '{\"top_k\": 1}'"),
     ] = None,
+    reasoning_effort: Annotated[
+        str | None,
+        typer.Option(help="reasoning_effort for every request: none|minimal|low|medium|high"),
+    ] = None,
+    reasoning_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="reasoning tokens (through the gateway): one budget, or a sweep such as "
+            "none,8,16,32,64,unlimited (writes budget.json/.md/.png)"
+        ),
+    ] = None,
 ) -> None:
     """Evaluate OpenAI-compatible endpoints on the held-out split: format, accuracy, F1, latency."""
     try:
@@ -609,9 +647,16 @@ def eval_cmd(
                 raise EvalError(f"--extra-body: not valid JSON: {e.msg}") from e
             if not isinstance(body, dict):
                 raise EvalError("--extra-body: expected a JSON object")
+        budgets = reasoning_request(body, reasoning_effort, reasoning_budget)
         cfg = QueryConfig(
             concurrency, max_tokens, temperature, timeout, api_key, retries, extra_body=body
         )
+        if budgets is not None:
+            from pipeline.budget_sweep import print_sweep, sweep
+
+            print_sweep(sweep(endpoints, data, out, budgets, loaded_task, cfg))
+            typer.echo(f"budget curve: {out / 'budget.png'}; table: {out / 'budget.md'}")
+            return
         summary = evaluate(endpoints, data, out, loaded_task, cfg)
     except (EvalError, TaskError) as e:
         typer.echo(f"error: {e}", err=True)
