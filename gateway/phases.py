@@ -79,7 +79,8 @@ def phase2_body(base: dict[str, Any], plan: Plan, prefix: str, used: int) -> dic
     body.pop("max_tokens", None)
     if plan.labels is not None:
         body["structured_outputs"] = {"choice": list(plan.labels)}
-        body.pop("min_tokens", None)  # the grammar ends the answer; it bounds the length too
+        for key in ("min_tokens", "ignore_eos"):  # the grammar ends the answer, and bounds it
+            body.pop(key, None)
     elif limit is not None:
         body["max_tokens"] = max(limit - used, 1)
     return body
