@@ -20,10 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator, KeyState, load_keys
+from gateway.budget import BudgetTable, Plan
 from gateway.httpclient import ReadTimeout, UpstreamError
 from gateway.httpclient import Response as UpstreamResponse
 from gateway.metrics import CONTENT_TYPE, KnownModels, Metrics
 from gateway.modes import Outcome, StreamShaper, resolve_mode, shape_completion, upstream_body
+from gateway.planned import Features, PlannedStream, complete_planned
 from gateway.protocol import (
     ERROR_RESPONSES,
     ChatCompletionRequest,
@@ -58,8 +60,13 @@ class Gateway:
         self.metrics = Metrics()
         self.pool = UpstreamPool(settings, self.metrics)
         self.auth = Authenticator(load_keys(settings))
-        self.models = KnownModels(settings.models)
+        self.models = KnownModels([*settings.models, *settings.tasks])
         self.tasks = TaskRegistry.load(settings.tasks)
+        self.features = Features(
+            self.tasks, self.metrics.registry,
+            budgets=BudgetTable.load(settings.reasoning_budgets),
+            inject_system_prompt=settings.inject_system_prompt,
+        )  # fmt: skip
         self.access = AccessLog(settings.access_log)
         self._ids = itertools.count(1)
         self._id_prefix = f"gw-{os.getpid():x}-{int(time.time()) & 0xFFFFFF:x}-"
@@ -522,13 +529,15 @@ async def _chat(gw: Gateway, head: _Head, key: KeyState, receive: Any) -> _Reply
         call.mode = mode = resolve_mode(settings.think, head.think, req)
         key.take(time.monotonic())
         admitted = True
+        plan = gw.features.prepare(data, gw.models.label)  # budget, labels (None: as is)
         payload = upstream_body(data, strip_history=settings.strip_history)
         if req.stream:
             wants_usage = bool(req.stream_options and req.stream_options.include_usage)
             handed_off = True  # the stream releases the key and the gauge when it ends
-            return await _open_stream(gw, receive, call, req, mode, payload, wants_usage)
+            return await _open_stream(gw, receive, call, req, mode, payload, wants_usage, plan)
         t_up = time.perf_counter()
-        response, raw = await _guarded(_complete(gw, payload), receive, settings.total_timeout)
+        work = _complete(gw, payload) if plan is None else _planned(gw, plan, req.model, payload)
+        response, raw = await _guarded(work, receive, settings.total_timeout)
         call.upstream_wait = time.perf_counter() - t_up
         if response.status != 200:
             raise _upstream_error(response.status, raw, response.headers)
@@ -572,6 +581,12 @@ async def _complete(gw: Gateway, payload: bytes) -> tuple[UpstreamResponse, byte
     return response, await _read_all(up, response)
 
 
+def _planned(gw: Gateway, plan: Plan, model: str, payload: bytes) -> Awaitable[Any]:
+    """Both phases of a planned request, not streamed (see :mod:`gateway.planned`)."""
+    done = gw.features.observer(gw.models.label(model))
+    return complete_planned(plan, payload, lambda body: _complete(gw, body), done)
+
+
 async def _open_ok(gw: Gateway, payload: bytes) -> tuple[Upstream, UpstreamResponse]:
     """Open an upstream stream; a non-200 answer is read and raised as a GatewayError."""
     up, response = await gw.pool.open(payload)
@@ -610,13 +625,19 @@ async def _open_stream(
     mode: str,
     payload: bytes,
     wants_usage: bool,
+    plan: Plan | None = None,
 ) -> _SSEResponse:
     """Open the upstream stream; errors before its first byte are plain HTTP errors."""
     settings = gw.settings
     key = call.key
     t_up = time.perf_counter()
     try:
-        up, response = await _guarded(_open_ok(gw, payload), receive, settings.total_timeout)
+        if plan is None:
+            opening = _open_ok(gw, payload)
+        else:  # both phases, read by the relay as one upstream response
+            done = gw.features.observer(gw.models.label(req.model))
+            opening = PlannedStream(plan, payload, lambda b: _open_ok(gw, b), done).opened()
+        up, response = await _guarded(opening, receive, settings.total_timeout)
     except BaseException:
         key.release()
         gw.metrics.in_flight_now -= 1

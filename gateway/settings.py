@@ -47,6 +47,14 @@ class Settings(BaseSettings):
         description="`model=path/to/task.yaml,…`: which task a served model does (its labels and "
         "system prompt); models not listed are served untouched.",
     )
+    inject_system_prompt: bool = Field(
+        False,
+        description="Give a model with a task (GATEWAY_TASKS) its system prompt when the client "
+        "sends no system message; for students trained with the prompt.",
+    )
+    reasoning_budgets: Path | None = Field(
+        None, description="YAML: reasoning effort -> token budget per model, and defaults."
+    )
 
     rate_limit_rpm: int | None = Field(None, ge=1, description="Requests per minute per key.")
     max_concurrent_per_key: int | None = Field(None, ge=1)

@@ -34,6 +34,10 @@ class TaskRegistry:
         """The task ``model`` serves, or ``None`` when it has none."""
         return self._tasks.get(model) if model else None
 
+    def models(self) -> list[str]:
+        """The served model names that have a task."""
+        return list(self._tasks)
+
     def __contains__(self, model: object) -> bool:
         return model in self._tasks
 

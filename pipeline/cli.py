@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from pipeline.demo import demo
-from pipeline.evaluate import eval_cmd
+from pipeline.eval_cli import eval_cmd
 from pipeline.generate.command import generate
 from pipeline.serve import serve_cmd
 from pipeline.standin.command import teacher_standin

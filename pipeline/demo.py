@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,16 @@ from typing import Annotated, Literal
 
 import typer
 
-from pipeline.serve import ServeError, VLLMServer, launch_vllm, stop_process, wait_healthy
+from pipeline.budget_sweep import print_saved
+from pipeline.serve import (
+    ServeError,
+    VLLMServer,
+    free_port,
+    launch_vllm,
+    running_gateway,
+    stop_process,
+    wait_healthy,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_MODEL = "deepseek-r1-standin"
@@ -40,13 +48,6 @@ BARE_SLACK = 0.02  # bare accuracy may trail the with-prompt one by at most this
 
 class DemoError(RuntimeError):
     """A demo stage failed; the message says which and where its log is."""
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,19 @@ def print_summary(
     console.print(f"predictions: {paths.eval}/predictions_<name>.jsonl; logs: {paths.logs}")
 
 
+DEMO_BUDGETS = "none,8,16,32,64,unlimited"
+
+
+def demo_sweep(upstream: str, task: Path, test_json: Path, out: Path, max_tokens: int) -> float:
+    """The demo's stage: the student through the gateway (which knows its task) at each of
+    :data:`DEMO_BUDGETS`, as ``distill eval`` runs it; returns the seconds it took."""
+    with running_gateway(upstream, {"student": task}, free_port(), out / "gateway.log") as url:
+        argv = ["eval", "--endpoint", f"student={url}@student", "--data", str(test_json),
+                "--task", str(task), "--out", str(out), "--max-tokens", str(max_tokens),
+                "--concurrency", "16", "--reasoning-budget", DEMO_BUDGETS]  # fmt: skip
+        return run_stage("budget sweep", argv)
+
+
 def run_demo(
     out: Path,
     *,
@@ -323,9 +337,16 @@ def run_demo(
             for name, url in urls.items():
                 argv += ["--endpoint", f"{name}={url}@{models[name]}"]
             times["eval"] = run_stage("eval", argv)
+        sweep_out = paths.out / "budget"  # the reasoning-budget curve, through the gateway
+        if needed("budget sweep", sweep_out / "budget.json", sweep_out):
+            url = svc.vllm({"student": paths.student})["student"]
+            max_tokens = answer_token_budget(paths.data, paths.base)
+            test_json = paths.data / "test.json"
+            times["budget sweep"] = demo_sweep(url, task, test_json, sweep_out, max_tokens)
     if times:
         times["total"] = time.monotonic() - started
     print_summary(paths.eval / "summary.json", paths, times, table="eval" not in times)
+    print_saved(paths.out / "budget")
 
 
 def demo(

@@ -40,19 +40,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import urlparse
 
-import typer
-
-from distill_common.task import InputSpec, Task, TaskError, load_task
+from distill_common.task import InputSpec, Task
 from distill_common.think import is_canonical, join_reasoning, split_think
 
 INVALID = "(无效)"  # the confusion-matrix column for responses with no readable label
@@ -266,6 +263,12 @@ def teacher_records(rows: list[dict[str, Any]], task: Task) -> list[dict[str, An
 # --------------------------------------------------------------------------- querying
 
 
+def reasoning_tokens(usage: Any) -> int | None:
+    """``usage.completion_tokens_details.reasoning_tokens`` when the server reports it."""
+    details = getattr(usage, "completion_tokens_details", None)
+    return getattr(details, "reasoning_tokens", None)
+
+
 @dataclass
 class QueryConfig:
     """Sampling and client settings shared by all endpoints."""
@@ -336,6 +339,7 @@ async def _query_endpoint(
                     record["latency_s"] = time.perf_counter() - start
                     record["prompt_tokens"] = resp.usage.prompt_tokens if resp.usage else None
                     record["finish_reason"] = resp.choices[0].finish_reason
+                    record["reasoning_tokens"] = reasoning_tokens(resp.usage)
                     record["message"] = {
                         k: message.get(k)
                         for k in ("content", "reasoning_content", "reasoning")
@@ -363,10 +367,15 @@ async def _query_endpoint(
 
 
 async def query_all(
-    endpoints: list[Endpoint], rows: list[dict[str, Any]], task: Task, cfg: QueryConfig
+    endpoints: list[Endpoint],
+    rows: list[dict[str, Any]],
+    task: Task,
+    cfg: QueryConfig,
+    conditions: list[str] | None = None,
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """Query all endpoints in every condition concurrently behind one rich progress display;
-    return ``{condition: {endpoint name: records}}``."""
+    """Query all endpoints in every condition (default: with the prompt, and bare when
+    ``cfg.bare``) concurrently behind one rich progress display; return ``{condition: {endpoint
+    name: records}}``."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -383,7 +392,7 @@ async def query_all(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ) as progress:
-        conditions = list(REQUESTS) if cfg.bare else ["prompt"]
+        conditions = conditions or (list(REQUESTS) if cfg.bare else ["prompt"])
         jobs, keys = [], []
         for cond in conditions:
             for ep in endpoints:
@@ -636,83 +645,3 @@ def evaluate(
     if not records:
         raise EvalError("nothing to evaluate: give --endpoint NAME=URL[@MODEL]")
     return write_outputs(out, data, task, records, models, asked.get(BARE))
-
-
-# --------------------------------------------------------------------------- command
-
-
-def eval_cmd(
-    endpoint: Annotated[
-        list[str],
-        typer.Option(help="NAME=URL[@MODEL], repeatable; MODEL defaults to the first /v1/models"),
-    ],
-    data: Annotated[Path, typer.Option(help="held-out alpaca JSON (e.g. DIR/test.json)")],
-    out: Annotated[Path, typer.Option(help="output directory")],
-    task: Annotated[
-        Path | None, typer.Option(help="task YAML (labels, answer rule); default: gold labels")
-    ] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight per endpoint")] = 8,
-    max_tokens: Annotated[
-        int | None, typer.Option(min=1, help="max new tokens (default: the server's)")
-    ] = None,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
-    timeout: Annotated[float, typer.Option(min=1.0, help="seconds per request")] = 300.0,
-    retries: Annotated[int, typer.Option(min=0, help="SDK retries on 429/5xx/timeouts")] = 2,
-    api_key_env: Annotated[
-        str | None, typer.Option(help="environment variable holding the API key")
-    ] = None,
-    extra_body: Annotated[
-        str | None,
-        typer.Option(help="JSON merged into each request body, e.g. '{\"top_k\": 1}'"),
-    ] = None,
-    bare: Annotated[
-        bool,
-        typer.Option(
-            "--bare/--no-bare",
-            help="also ask every row with the user message alone (no system prompt)",
-        ),
-    ] = True,
-) -> None:
-    """Evaluate OpenAI-compatible endpoints on the held-out split: format, accuracy, F1, latency."""
-    try:
-        endpoints = [parse_endpoint(spec) for spec in endpoint]
-        loaded_task = load_task(task) if task else None
-        api_key = "EMPTY"
-        if api_key_env:
-            api_key = os.environ.get(api_key_env, "")
-            if not api_key:
-                raise EvalError(f"--api-key-env {api_key_env}: that environment variable is empty")
-        body = {}
-        if extra_body:
-            try:
-                body = json.loads(extra_body)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"--extra-body: not valid JSON: {e.msg}") from e
-            if not isinstance(body, dict):
-                raise EvalError("--extra-body: expected a JSON object")
-        cfg = QueryConfig(
-            concurrency, max_tokens, temperature, timeout, api_key, retries, body, bare
-        )
-        summary = evaluate(endpoints, data, out, loaded_task, cfg)
-    except (EvalError, TaskError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    print_table(summary)
-    for name, request, s in table_rows(summary):
-        if s["errors"]:
-            folder = out / BARE if request == REQUESTS[BARE] else out
-            first = next(
-                json.loads(line)["error"]
-                for line in (folder / f"predictions_{name}.jsonl").open(encoding="utf-8")
-                if json.loads(line).get("error")
-            )
-            typer.echo(
-                f"warning: {name} ({request}): {s['errors']} of {s['n']} requests failed; "
-                f"first: {first}"
-            )
-    typer.echo(f"report: {out / 'report.md'}")
-    typer.echo(f"confusion matrices: {out}/confusion_*.png ({BARE}/: user message only)")
-    dead = [name for name, s in summary.items() if s["errors"] == s["n"]]
-    if dead:
-        typer.echo(f"error: every request failed for {', '.join(dead)}", err=True)
-        raise typer.Exit(1)

@@ -14,6 +14,7 @@ import functools
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -262,3 +263,39 @@ def serve_cmd(
     typer.echo(shlex.join(cmd), err=True)
     env = vllm_env(model)
     os.execvpe(cmd[0], cmd, env)  # become vLLM: signals and exit code pass straight through
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_gateway(
+    upstream: str, tasks: dict[str, Path], port: int, log: Path, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """The gateway (``python -m gateway``, as its image runs it) on loopback in front of
+    ``upstream``, knowing each model's task (and any other ``GATEWAY_*`` in ``env``); yields its
+    base URL and stops it after."""
+    env = {
+        **os.environ,
+        "GATEWAY_UPSTREAMS": upstream,
+        "GATEWAY_TASKS": ",".join(f"{m}={p}" for m, p in tasks.items()),
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_ACCESS_LOG": str(log.with_suffix(".access.jsonl")),
+        **(env or {}),
+    }
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway"],
+            env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, 60, log)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop_process(proc, 10)

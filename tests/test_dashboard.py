@@ -36,6 +36,10 @@ REQUIRED = {
     "gateway_tokens_total",  # reasoning vs answer tokens/s
     "gateway_think_anomalies_total",
     "gateway_upstream_errors_total",
+    "gateway_reasoning_budget_hits_total",  # reasoning budget and labels (issue 12)
+    "gateway_forced_answers_total",
+    "gateway_reasoning_budget_used_ratio_bucket",
+    "gateway_constrained_answers_total",
     "vllm:num_requests_running",
     "vllm:num_requests_waiting",
     "vllm:kv_cache_usage_perc",
@@ -198,7 +202,12 @@ def test_gateway_metric_names_exist_in_a_real_scrape(tmp_path):
     teacher = start_standin(tmp_path, reasoning_format="inline")
     gw = None
     try:
-        gw = start_gateway(tmp_path, upstreams=teacher.base_url, think="separate")
+        gw = start_gateway(
+            tmp_path,
+            upstreams=teacher.base_url,
+            think="separate",
+            tasks={teacher.model: ROOT / "configs/tasks/news.yaml"},  # budget/label series
+        )
         client = openai.OpenAI(base_url=gw.base_url, api_key="none", max_retries=0)
         messages = [{"role": "user", "content": "新闻分类:国足客场二比一逆转取胜"}]
         chunks = list(

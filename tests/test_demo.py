@@ -34,6 +34,11 @@ def _finished_run(out):
         marker.write_text("{}")
     paths.eval.mkdir(parents=True)
     (paths.eval / "summary.json").write_text(json.dumps(_summary()))
+    point = {"budget": "8", "n": 90, "accuracy": 0.61, "format_rate": 1.0, "label_rate": 1.0,
+             "latency_p50_s": 0.2, "reasoning_tokens_mean": 8.0, "errors": 0}  # fmt: skip
+    sweep = {"budgets": ["8"], "endpoints": {"student": [point]}}
+    (paths.out / "budget").mkdir()
+    (paths.out / "budget" / "budget.json").write_text(json.dumps(sweep))
     return paths
 
 
@@ -62,11 +67,12 @@ def test_rerun_skips_finished_stages_and_prints_the_table(tmp_path):
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    for stage in ("generate", "tiny-model", "train", "merge", "eval"):
+    for stage in ("generate", "tiny-model", "train", "merge", "eval", "budget sweep"):
         assert f"{stage}:" in done.stderr and "skipped" in done.stderr
     assert "student" in done.stdout and "0.700" in done.stdout  # the table, from summary.json
     assert "user only" in done.stdout and "0.690" in done.stdout  # ... both conditions
     assert "✗" not in done.stdout and done.stdout.count("✓") == 5  # every target met
+    assert "reasoning budget sweep" in done.stdout and "0.610" in done.stdout  # budget.json
     assert str(paths.eval / "report.md") in done.stdout.replace("\n", "")
     assert not (paths.logs / "teacher.log").exists()  # nothing was started
 
