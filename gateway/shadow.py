@@ -270,6 +270,13 @@ class Shadow:
             if settings.log and self.enabled
             else None
         )
+        if self.enabled:  # every series exists from the start (0), so rates and alerts see it
+            for model in tasks:
+                for outcome in OUTCOMES:
+                    self.metrics.total.labels(model, outcome)
+                for label in tasks.get(model).labels:
+                    self.metrics.by_label.labels(model, label, "agree")
+                    self.metrics.by_label.labels(model, label, "disagree")
         self.queue: asyncio.Queue | None = None
         self._workers: list[asyncio.Task] = []
         self._session: aiohttp.ClientSession | None = None

@@ -190,7 +190,7 @@ def check_against_scrape(prefix: str, text: str) -> None:
 
 
 @pytest.mark.slow
-def test_gateway_metric_names_exist_in_a_real_scrape(tmp_path):
+def test_gateway_metric_names_exist_in_a_real_scrape(tmp_path, monkeypatch):
     import openai
 
     from tests.fixtures_gateway import start_gateway, start_standin
@@ -198,7 +198,17 @@ def test_gateway_metric_names_exist_in_a_real_scrape(tmp_path):
     teacher = start_standin(tmp_path, reasoning_format="inline")
     gw = None
     try:
-        gw = start_gateway(tmp_path, upstreams=teacher.base_url, think="separate")
+        # shadow on (the stand-in as its own teacher), so the shadow panels' series exist
+        monkeypatch.setenv(
+            "GATEWAY_SHADOW_TEACHER", f"url={teacher.base_url},model={teacher.model}"
+        )
+        monkeypatch.setenv("GATEWAY_SHADOW_RATE", "1.0")
+        gw = start_gateway(
+            tmp_path,
+            upstreams=teacher.base_url,
+            think="separate",
+            tasks=f"{teacher.model}={ROOT / 'configs/tasks/news.yaml'}",
+        )
         client = openai.OpenAI(base_url=gw.base_url, api_key="none", max_retries=0)
         messages = [{"role": "user", "content": "新闻分类:国足客场二比一逆转取胜"}]
         chunks = list(

@@ -57,7 +57,8 @@ def _counts(metrics: str, model: str = "student") -> dict[str, int]:
     for line in metrics.splitlines():
         if line.startswith("gateway_shadow_total{") and f'model="{model}"' in line:
             outcome = line.split('outcome="')[1].split('"')[0]
-            out[outcome] = int(float(line.rsplit(" ", 1)[1]))
+            if value := int(float(line.rsplit(" ", 1)[1])):
+                out[outcome] = value
     return out
 
 
