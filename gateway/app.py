@@ -648,7 +648,7 @@ async def _open_stream(
                 gw.shadow.submit(
                     req.model,
                     [{"role": m.role, "content": m.content} for m in req.messages],
-                    b"".join(relay.kept),
+                    relay.kept,
                 )
         call.elapsed = time.perf_counter() - call.t0
         call.status, call.error, call.outcome = status, error, shaper.outcome

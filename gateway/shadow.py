@@ -285,15 +285,19 @@ class Shadow:
     # -- request path (never waits, never raises) ---------------------------------------------
     def wants(self, model: str | None) -> bool:
         """Should this reply be shadowed? (sampled, and the model has a task)."""
-        return (
-            self.enabled
-            and self.queue is not None
-            and model in self.tasks
-            and random.random() < self.settings.rate
-        )
+        if not (self.enabled and self.queue is not None and model in self.tasks):
+            return False
+        if random.random() >= self.settings.rate:
+            return False
+        if self.queue.full():  # count the drop now: the reply need not be kept for it
+            self.metrics.total.labels(model, "dropped").inc()
+            return False
+        return True
 
-    def submit(self, model: str, messages: list[dict[str, Any]], student: str | bytes) -> None:
-        """Queue one shadow call; ``student`` is the reply's text, or a stream's raw SSE bytes."""
+    def submit(
+        self, model: str, messages: list[dict[str, Any]], student: str | list[bytes]
+    ) -> None:
+        """Queue one shadow call; ``student`` is the reply's text, or a stream's raw SSE pieces."""
         try:
             assert self.queue is not None
             self.queue.put_nowait((model, messages, student))
@@ -358,13 +362,13 @@ class Shadow:
             return None
 
     async def shadow_one(
-        self, model: str, messages: list[dict[str, Any]], student: str | bytes
+        self, model: str, messages: list[dict[str, Any]], student: str | list[bytes]
     ) -> str | None:
         """Ask the teacher, count the outcome, write the flywheel row; returns the outcome."""
         task = self.tasks.get(model)
         if task is None:
             return None
-        student_text = stream_text(student) if isinstance(student, bytes) else student
+        student_text = student if isinstance(student, str) else stream_text(b"".join(student))
         convo = [m for m in messages if m.get("role") != "system"]
         if not convo or not all(isinstance(m.get("content"), str) for m in convo):
             return None  # multimodal parts and the like: not a task input
