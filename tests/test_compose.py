@@ -32,7 +32,7 @@ GPU_SERVICES = {"train", "merge", "vllm", "teacher"}
 SECRET_VARS = ("TEACHER_API_KEY", "HF_TOKEN", "GATEWAY_API_KEYS", "GRAFANA_ADMIN_PASSWORD")
 # which services may receive each secret (as a run-time environment variable, nothing else)
 SECRET_USERS = {
-    "TEACHER_API_KEY": {"generate", "teacher"},
+    "TEACHER_API_KEY": {"generate", "teacher", "gateway"},  # gateway: shadow traffic
     "HF_TOKEN": {"train", "merge"},
     "GATEWAY_API_KEYS": {"gateway"},
     "GRAFANA_ADMIN_PASSWORD": {"grafana"},

@@ -319,3 +319,25 @@ def test_import_then_generate_pays_for_no_answer_twice(tmp_path, standin_factory
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert f"imported 0, already in the ledger {len(rows)}" in done.stderr
     assert len(teacher.requests()) == asked
+
+
+def test_compose_shadow_is_off_and_asks_the_teacher_generate_asks(monkeypatch):
+    from tests.test_compose import distill_argv, option, render
+
+    def shadow_of(env: dict[str, str] | None = None) -> tuple[ShadowSettings, list[str]]:
+        s = render("--profile", "local-teacher", env=env)["services"]
+        for name, value in s["gateway"]["environment"].items():
+            monkeypatch.setenv(name, value)
+        return ShadowSettings(), distill_argv(s["generate"])
+
+    for env in (None, {"TEACHER_URL": "http://teacher:8000/v1", "TEACHER_MODEL": "r1-local"}):
+        settings, gen = shadow_of(env)
+        assert not settings.enabled and settings.log is None  # off by default
+        ref = TeacherRef.parse(settings.teacher)
+        assert (ref.url, ref.model) == (
+            option(gen, "--teacher-url"),
+            option(gen, "--teacher-model"),
+        )
+        assert ref.key_env == option(gen, "--api-key-env")
+    settings, _ = shadow_of({"GATEWAY_SHADOW_RATE": "0.05"})
+    assert settings.enabled and settings.rate == 0.05
