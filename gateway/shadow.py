@@ -350,7 +350,8 @@ class Shadow:
     async def ask_teacher(self, messages: list[dict[str, str]]) -> dict[str, Any] | None:
         """The teacher's raw answer, or ``None`` on any failure (no retries: best effort)."""
         assert self.teacher is not None and self._session is not None
-        body = {"model": self.teacher.model, "messages": messages, "stream": False}
+        # seed 0: the very request `distill generate` sends for sample 0 of this input
+        body = {"model": self.teacher.model, "messages": messages, "seed": 0, "stream": False}
         body.update(self.settings.params)
         url = self.teacher.url.rstrip("/") + "/chat/completions"
         try:

@@ -215,6 +215,22 @@ def print_summary(
     console.print(f"predictions: {paths.eval}/predictions_<name>.jsonl; logs: {paths.logs}")
 
 
+def shadow_stage(paths: Paths, svc: Services, task: Path, student_url: str, budget: int) -> float:
+    """The student behind the gateway, the stand-in teacher as shadow: live agreement."""
+    from pipeline.shadow_demo import print_shadow, run_shadow_demo
+
+    t0 = time.monotonic()
+    _say("[bold]shadow[/]: the held-out rows through the gateway, the teacher as shadow")
+    live, offline = run_shadow_demo(
+        task_path=task, test_json=paths.data / "test.json",
+        predictions=paths.eval / "predictions_student.jsonl", student_url=student_url,
+        teacher_url=svc.teacher(), teacher_model=TEACHER_MODEL, max_tokens=budget,
+        out=paths.out / "shadow", port=free_port(),
+    )  # fmt: skip
+    print_shadow(live, offline, paths.out / "shadow" / "flywheel.jsonl")
+    return time.monotonic() - t0
+
+
 def run_demo(
     out: Path,
     *,
@@ -281,6 +297,8 @@ def run_demo(
             for name, url in urls.items():
                 argv += ["--endpoint", f"{name}={url}@{models[name]}"]
             times["eval"] = run_stage("eval", argv)
+            if has_teacher_labels(paths.data / "test.json"):  # the student's vLLM is still up
+                times["shadow"] = shadow_stage(paths, svc, task, urls["student"], budget)
     if times:
         times["total"] = time.monotonic() - started
     print_summary(paths.eval / "summary.json", paths, times, table="eval" not in times)

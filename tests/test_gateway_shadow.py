@@ -207,7 +207,7 @@ def test_agreement_counts_equal_the_offline_comparison(
     expected = {"agree": 0, "disagree": 0, "student_invalid": 0, "teacher_invalid": 0}
     for row, s_label in zip(rows, student_labels, strict=True):
         out = direct.chat.completions.create(
-            model=teacher.model, messages=task.messages(row), **PARAMS
+            model=teacher.model, messages=task.messages(row), seed=0, **PARAMS
         )
         msg = out.choices[0].message
         t_label = task.label_of(answer_text({**(msg.model_extra or {}), "content": msg.content}))
