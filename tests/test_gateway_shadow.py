@@ -341,3 +341,45 @@ def test_compose_shadow_is_off_and_asks_the_teacher_generate_asks(monkeypatch):
         assert ref.key_env == option(gen, "--api-key-env")
     settings, _ = shadow_of({"GATEWAY_SHADOW_RATE": "0.05"})
     assert settings.enabled and settings.rate == 0.05
+
+
+@pytest.mark.slow
+def test_agreement_with_a_real_vllm_student_equals_eval_offline(
+    gateway, vllm_server, standin_factory, monkeypatch
+):
+    """The fixture student on vLLM CPU behind the gateway: the live counts equal an offline
+    comparison that asks the student (greedy, as eval does) and the teacher directly."""
+    from pipeline.evaluate import response_text
+
+    teacher = standin_factory()
+    _shadow_env(monkeypatch, teacher.base_url, teacher.model)
+    gw = gateway(upstreams=vllm_server.base_url, tasks=f"student={TASK}")
+    task = load_task(TASK)
+    rows = [r for r in _rows(400) if r["label"] in ("体育", "财经", "科技", "汽车")][:12]
+    client = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+    direct = openai.OpenAI(base_url=vllm_server.base_url, api_key="x", max_retries=0)
+    oracle = openai.OpenAI(base_url=teacher.base_url, api_key="x", max_retries=0)
+    expected: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        messages = task.messages(row)
+        kw = {"model": "student", "messages": messages, "temperature": 0.0, "max_tokens": 96}
+        out = client.chat.completions.create(**kw, stream=bool(i % 2))
+        if i % 2:
+            list(out)
+        msg = direct.chat.completions.create(**kw).choices[0].message
+        s_label = task.label_of(response_text({**(msg.model_extra or {}), "content": msg.content}))
+        msg = (
+            oracle.chat.completions.create(model=teacher.model, messages=messages, seed=0, **PARAMS)
+            .choices[0]
+            .message
+        )
+        t_label = task.label_of(response_text({**(msg.model_extra or {}), "content": msg.content}))
+        outcome = (
+            "teacher_invalid" if t_label is None
+            else "student_invalid" if s_label is None
+            else "agree" if s_label == t_label
+            else "disagree"
+        )  # fmt: skip
+        expected[outcome] = expected.get(outcome, 0) + 1
+    assert expected.get("agree", 0) > 0, expected  # the student answers in format
+    assert _wait_counts(gw, len(rows), timeout=120) == expected
