@@ -7,6 +7,7 @@ and then, so the student and the teacher disagree on some rows, as a drifted stu
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import stat
 import subprocess
@@ -167,8 +168,9 @@ def test_queue_bound_holds_under_a_burst(standin_factory):
 
 
 def test_agreement_counts_equal_the_offline_comparison(
-    tmp_path, standin_factory, gateway, monkeypatch
+    tmp_path, standin_factory, gateway, monkeypatch, caplog
 ):
+    caplog.set_level(logging.DEBUG)
     teacher = standin_factory()
     student = standin_factory(
         model="student", lexicon=_swapped_lexicon(tmp_path), faults="offlabel=0.15"
@@ -231,7 +233,7 @@ def test_agreement_counts_equal_the_offline_comparison(
     assert all(r["shadow"]["outcome"] != "agree" and r["title"] for r in logged)
     teacher_seen = teacher.requests()
     assert len(teacher_seen) >= 2 * len(rows)  # the shadow's calls plus the offline ones
-    for text in (gw.metrics(), gw.access_log.read_text(), fw_path.read_text()):
+    for text in (gw.metrics(), gw.access_log.read_text(), fw_path.read_text(), caplog.text):
         assert SECRET not in text
     gw.stop()
 
