@@ -321,6 +321,10 @@ def test_import_then_generate_pays_for_no_answer_twice(tmp_path, standin_factory
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert f"imported 0, already in the ledger {len(rows)}" in done.stderr
     assert len(teacher.requests()) == asked
+    # Answers asked with other sampling parameters stand for other requests: not imported.
+    other = [*cmd, "--temperature", "0.7", "--max-requests", "0", "--out", str(tmp_path / "o")]
+    done = subprocess.run(other, env=env, capture_output=True, text=True, timeout=120)
+    assert f"imported 0, already in the ledger 0, other teacher/params {len(rows)}" in done.stderr
 
 
 def test_compose_shadow_is_off_and_asks_the_teacher_generate_asks(monkeypatch):
