@@ -34,6 +34,7 @@ from gateway.protocol import (
     inline_schema,
 )
 from gateway.settings import Settings
+from gateway.shadow import Shadow, ShadowSettings, completion_text
 from gateway.tasks import TaskRegistry
 from gateway.upstreams import Upstream, UpstreamPool
 
@@ -67,6 +68,7 @@ class Gateway:
             budgets=BudgetTable.load(settings.reasoning_budgets),
             inject_system_prompt=settings.inject_system_prompt,
         )  # fmt: skip
+        self.shadow = Shadow(ShadowSettings(), self.tasks, self.metrics.registry)
         self.access = AccessLog(settings.access_log)
         self._ids = itertools.count(1)
         self._id_prefix = f"gw-{os.getpid():x}-{int(time.time()) & 0xFFFFFF:x}-"
@@ -340,8 +342,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not gw.auth.enabled:
             log.warning("no API keys configured: the gateway accepts every request")
         learn = asyncio.ensure_future(_learn_models(gw))
+        await gw.shadow.start()
         yield
         learn.cancel()
+        await gw.shadow.stop()
         await gw.pool.aclose()
         gw.access.close()
 
@@ -547,6 +551,8 @@ async def _chat(gw: Gateway, head: _Head, key: KeyState, receive: Any) -> _Reply
             raise GatewayError(
                 502, "the model server sent malformed JSON", reason="bad_response"
             ) from None
+        if gw.shadow.wants(req.model):
+            gw.shadow.submit(req.model, data["messages"], completion_text(completion))
         outcome = shape_completion(
             completion, mode, settings.reasoning_field, settings.started_in_think
         )
@@ -650,6 +656,8 @@ async def _open_stream(
         t0=call.t0,
     )
     relay = _Relay(gw, up, response, shaper, time.perf_counter() - t_up)
+    if gw.shadow.wants(req.model):
+        relay.kept = []  # the raw upstream bytes, for the shadow to read the student's label
     headers = {**SSE_HEADERS, "x-request-id": call.rid}
 
     def finished(status: int, error: str | None) -> None:
@@ -657,6 +665,12 @@ async def _open_stream(
         gw.metrics.in_flight_now -= 1
         if status == 200:
             gw.models.learn(req.model)
+            if relay.kept is not None:
+                gw.shadow.submit(
+                    req.model,
+                    [{"role": m.role, "content": m.content} for m in req.messages],
+                    relay.kept,
+                )
         call.elapsed = time.perf_counter() - call.t0
         call.status, call.error, call.outcome = status, error, shaper.outcome
         call.upstream_wait = relay.upstream_wait
@@ -684,6 +698,7 @@ class _Relay:
         self.status = 200
         self.error: str | None = None
         self._released = False
+        self.kept: list[bytes] | None = None
 
     async def close(self) -> None:
         """Done with the upstream: keep the connection if the stream ended cleanly, else
@@ -744,6 +759,8 @@ class _Relay:
         try:
             async with asyncio.timeout(settings.total_timeout):
                 async for piece in self._reads():
+                    if self.kept is not None:
+                        self.kept.append(piece)
                     if b"\r" in piece:
                         piece = piece.replace(b"\r\n", b"\n")
                     buf = buf + piece if buf else piece

@@ -8,6 +8,7 @@ served untouched.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from distill_common.task import Task, TaskError, load_task
@@ -40,6 +41,9 @@ class TaskRegistry:
 
     def __contains__(self, model: object) -> bool:
         return model in self._tasks
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tasks)
 
     def __len__(self) -> int:
         return len(self._tasks)

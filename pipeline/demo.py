@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 import typer
 
 from pipeline.budget_sweep import print_saved
+from pipeline.evaluate import BARE
 from pipeline.serve import (
     ServeError,
     VLLMServer,
@@ -267,6 +268,22 @@ def demo_sweep(upstream: str, task: Path, test_json: Path, out: Path, max_tokens
         return run_stage("budget sweep", argv)
 
 
+def shadow_stage(paths: Paths, svc: Services, task: Path, student_url: str, budget: int) -> float:
+    """The student behind the gateway, the stand-in teacher as shadow: live agreement."""
+    from pipeline.shadow_demo import print_shadow, run_shadow_demo
+
+    t0 = time.monotonic()
+    _say("[bold]shadow[/]: the held-out rows through the gateway, the teacher as shadow")
+    live, offline = run_shadow_demo(
+        task_path=task, test_json=paths.data / "test.json",
+        predictions=paths.eval / BARE / "predictions_student.jsonl", student_url=student_url,
+        teacher_url=svc.teacher(), teacher_model=TEACHER_MODEL, max_tokens=budget,
+        out=paths.out / "shadow", port=free_port(),
+    )  # fmt: skip
+    print_shadow(live, offline, paths.out / "shadow" / "flywheel.jsonl")
+    return time.monotonic() - t0
+
+
 def run_demo(
     out: Path,
     *,
@@ -343,6 +360,8 @@ def run_demo(
             max_tokens = answer_token_budget(paths.data, paths.base)
             test_json = paths.data / "test.json"
             times["budget sweep"] = demo_sweep(url, task, test_json, sweep_out, max_tokens)
+            if has_teacher_labels(paths.data / "test.json"):  # the student's vLLM is still up
+                times["shadow"] = shadow_stage(paths, svc, task, urls["student"], budget)
     if times:
         times["total"] = time.monotonic() - started
     print_summary(paths.eval / "summary.json", paths, times, table="eval" not in times)

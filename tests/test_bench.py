@@ -40,3 +40,10 @@ def test_generate_throughput_runs_small():
     assert row, out
     rate, ideal, ratio = map(float, row.groups())
     assert ideal == 100.0 and 0 < ratio <= 1.05 and abs(rate / ideal - ratio) < 0.01
+
+
+@pytest.mark.slow
+def test_shadow_latency_runs_small():
+    out = _run("bench/shadow_latency.py", "--rounds", "1", "--seconds", "0.3")
+    assert re.search(r"non-streamed p50 \(ms\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", out), out
+    assert re.search(r"shadow outcomes \(shadow-busy\): .*agree \d+", out), out

@@ -37,7 +37,7 @@ SECRET_VARS = ("TEACHER_API_KEY", "HF_TOKEN", "GATEWAY_API_KEYS", "GRAFANA_ADMIN
 # which services may receive each secret (as a run-time environment variable, nothing else;
 # Grafana's password travels as a Compose secret file, in no service's environment)
 SECRET_USERS = {
-    "TEACHER_API_KEY": {"generate"},
+    "TEACHER_API_KEY": {"generate", "gateway"},  # gateway: shadow traffic
     "HF_TOKEN": {"train", "merge", "generate-local"},
     "GATEWAY_API_KEYS": {"gateway"},
     "GRAFANA_ADMIN_PASSWORD": set(),

@@ -194,7 +194,7 @@ def check_against_scrape(prefix: str, text: str) -> None:
 
 
 @pytest.mark.slow
-def test_gateway_metric_names_exist_in_a_real_scrape(tmp_path):
+def test_gateway_metric_names_exist_in_a_real_scrape(tmp_path, monkeypatch):
     import openai
 
     from tests.fixtures_gateway import start_gateway, start_standin
@@ -202,6 +202,11 @@ def test_gateway_metric_names_exist_in_a_real_scrape(tmp_path):
     teacher = start_standin(tmp_path, reasoning_format="inline")
     gw = None
     try:
+        # shadow on (the stand-in as its own teacher), so the shadow panels' series exist
+        monkeypatch.setenv(
+            "GATEWAY_SHADOW_TEACHER", f"url={teacher.base_url},model={teacher.model}"
+        )
+        monkeypatch.setenv("GATEWAY_SHADOW_RATE", "1.0")
         gw = start_gateway(
             tmp_path,
             upstreams=teacher.base_url,

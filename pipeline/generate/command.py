@@ -88,6 +88,13 @@ def generate(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or summary table.")] = False,
+    import_shadow: Annotated[
+        Path | None,
+        typer.Option(
+            help="First put the teacher answers of this gateway shadow JSONL (GATEWAY_SHADOW_LOG) "
+            "into the ledger, under the keys this run uses; they are never asked for again.",
+        ),
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -139,6 +146,10 @@ def generate(
             workers=workers,
             cutoff_len=cutoff_len,
         )
+        if import_shadow is not None:
+            from pipeline.generate.shadow_import import import_shadow as do_import
+
+            typer.echo(f"{import_shadow}: {do_import(opts, import_shadow).line()}", err=True)
         stats = run_generate(opts)
     except (
         TaskError,
