@@ -207,10 +207,7 @@ def _selects(selector: Obj | None, labels: dict[str, str]) -> bool:
 def _peer_admits(peer: Obj, src_ns: dict[str, str], src: dict[str, str], same_ns: bool) -> bool:
     if "ipBlock" in peer:
         return False  # no rule of ours admits by address
-    if "namespaceSelector" in peer:
-        ns_ok = _selects(peer["namespaceSelector"], src_ns)
-    else:
-        ns_ok = same_ns
+    ns_ok = _selects(peer["namespaceSelector"], src_ns) if "namespaceSelector" in peer else same_ns
     return ns_ok and _selects(peer.get("podSelector"), src)
 
 

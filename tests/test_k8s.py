@@ -13,7 +13,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -26,16 +25,11 @@ from tests.conftest import ROOT
 from tests.k8s_manifests import (
     K8S,
     OVERLAYS,
-    allowed,
     argv,
     container,
     crd_schemas,
-    env_values,
     find,
-    kustomize,
     one,
-    pod_labels,
-    pod_spec,
     rendered,
     workloads,
 )
@@ -46,14 +40,8 @@ CHECKOV_CONFIG = ROOT / "tests" / "k8s" / "checkov.yaml"
 SETTINGS_ENV = K8S / "base" / "infra" / "settings.env"
 DASHBOARD = ROOT / "compose" / "grafana" / "dashboards" / "distill.json"
 NAMESPACE = "distill"
-# compose service -> the k8s workload running the same image and command
-ROLES = {
-    "generate": "generate",
-    "train": "train",
-    "merge": "merge",
-    "vllm": "vllm",
-    "gateway": "gateway",
-}
+# compose services whose workload in k8s has the same name, image and command line
+ROLES = ("generate", "train", "merge", "vllm", "gateway")
 # environment names compose uses that the cluster replaces, and with what
 REPLACED_ENV = {
     "GATEWAY_UPSTREAMS": "GATEWAY_UPSTREAMS_DNS",  # the headless Service, re-resolved
@@ -231,3 +219,103 @@ def test_checkov_finds_what_it_should(tmp_path):
     report = json.loads(run_checkov(manifest).stdout)
     ids = {c["check_id"] for c in report["results"]["failed_checks"]}
     assert {"CKV_K8S_16", "CKV_K8S_22"} <= ids, ids
+
+
+# ---- 4. the commands are the CLI -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("name", ["generate", "train", "merge", "vllm"])
+def test_every_command_parses_with_the_distill_cli(overlay, name):
+    args = k8s_argv(overlay, name)
+    compose._cli_parse(compose.distill_argv({"entrypoint": args}))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_training_launcher_parses_and_its_numbers_agree(overlay):
+    from accelerate.commands.launch import launch_command_parser
+
+    obj = workload(overlay, "train")
+    args = k8s_argv(overlay, "train")
+    parsed = launch_command_parser().parse_args(launch_args(args))
+    assert parsed.module and parsed.training_script == "pipeline.cli"
+    assert (ROOT / parsed.config_file).is_file(), parsed.config_file
+    gpus = int(container(obj)["resources"]["limits"]["nvidia.com/gpu"])
+    machines = parsed.num_machines or 1
+    assert parsed.num_processes == machines * gpus
+    if obj["kind"] == "JobSet":
+        rjob = obj["spec"]["replicatedJobs"][0]
+        job = rjob["template"]["spec"]
+        assert job["parallelism"] == job["completions"] == machines >= 2
+        assert job["completionMode"] == "Indexed" and rjob["replicas"] == 1
+        # rank 0's stable DNS name: <jobset>-<replicated job>-<job index>-<pod index>.<subdomain>
+        net = obj["spec"]["network"]
+        assert net["enableDNSHostnames"]
+        rank0 = f"{obj['metadata']['name']}-{rjob['name']}-0-0.{net['subdomain']}"
+        assert parsed.main_process_ip == rank0
+        assert parsed.rdzv_backend == "static" and parsed.main_process_port
+        # each pod's machine rank is its completion index
+        (rank,) = [e for e in container(obj)["env"] if e["name"] == "MACHINE_RANK"]
+        path = rank["valueFrom"]["fieldRef"]["fieldPath"]
+        assert path == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        assert "$(MACHINE_RANK)" in container(obj)["args"]
+
+
+def test_undefined_variable_in_a_command_is_caught():
+    objs = json.loads(json.dumps(rendered("single-gpu")))
+    gen = one(objs, "Job", "generate")
+    container(gen)["args"].append("$(NOT_SET)")
+    with pytest.raises(AssertionError, match="NOT_SET"):
+        argv(tuple(objs), gen, ["distill"])
+
+
+# ---- 5. the same images, settings and environment names as compose --------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("name", ROLES)
+def test_images_match_compose(overlay, name):
+    assert container(workload(overlay, name))["image"] == compose.services()[name]["image"]
+
+
+@pytest.mark.parametrize("name", ["generate", "train", "merge"])
+def test_job_command_lines_are_compose_command_lines(name):
+    """With settings.env's values, the one-node jobs run exactly what compose runs."""
+    assert k8s_argv("single-gpu", name) == compose.argv(compose.services()[name])
+
+
+def test_vllm_command_line_is_compose_except_the_memory_share():
+    k8s, dc = k8s_argv("multi-gpu", "vllm"), compose.argv(compose.services()["vllm"])
+    i = dc.index("--extra")
+    assert k8s[: i + 1] == dc[: i + 1] and k8s[i + 2 :] == dc[i + 2 :]
+    assert k8s[i + 1] == "--gpu-memory-utilization 0.90"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    pairs = re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", path.read_text(), re.M)
+    return dict(pairs)
+
+
+def test_settings_have_compose_names_and_defaults():
+    settings, example = read_env_file(SETTINGS_ENV), compose.env_example()
+    assert set(settings) <= set(example), "settings.env has names .env.example lacks"
+    for key, value in settings.items():
+        if key not in SETTINGS_DIFFER:
+            assert value == example[key], key
+    assert not set(settings) & set(compose.SECRET_VARS), "a secret in settings.env"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("name", ROLES)
+def test_environment_names_match_compose(overlay, name):
+    env = {e["name"] for e in container(workload(overlay, name)).get("env", [])}
+    for var in compose.services()[name].get("environment") or {}:
+        assert REPLACED_ENV.get(var, var) in env, f"{name}: {var} missing"
+
+
+def test_gateway_environment_is_gateway_settings():
+    from gateway.settings import Settings
+
+    fields = {f"GATEWAY_{f.upper()}" for f in Settings.model_fields}
+    env = {e["name"] for e in container(workload("multi-gpu", "gateway"))["env"]}
+    assert {e for e in env if e.startswith("GATEWAY_")} <= fields
