@@ -17,7 +17,12 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+    from gateway.upstreams import UpstreamPool
 
 log = logging.getLogger("gateway")
 
@@ -129,8 +134,11 @@ class DnsDiscovery:
             await self.refresh()
 
     async def start(self) -> None:
-        """The first lookup (the pool starts with its answer), then the refresh loop."""
-        await self.refresh()
+        """The first lookup (the pool starts with its answer, or empty while the name does not
+        resolve), then the refresh loop."""
+        if await self.refresh() is None:
+            self._set_members([])
+            self.members = []
         self._task = asyncio.create_task(self._run(), name="upstream-dns")
 
     async def aclose(self) -> None:
@@ -138,3 +146,18 @@ class DnsDiscovery:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+
+
+def discovery_for(settings: Settings, pool: UpstreamPool) -> DnsDiscovery | None:
+    """The discovery ``GATEWAY_UPSTREAMS_DNS`` asks for (None without it), tied to the pool:
+    it sets the pool's members and hears of its failed connects."""
+    if not settings.upstreams_dns:
+        return None
+    discovery = DnsDiscovery(
+        DnsTarget.parse(settings.upstreams_dns),
+        pool.set_members,
+        interval=settings.upstreams_dns_interval,
+        timeout=settings.connect_timeout,
+    )
+    pool.on_connect_error = discovery.connect_failed
+    return discovery

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -319,3 +321,23 @@ def test_gateway_environment_is_gateway_settings():
     fields = {f"GATEWAY_{f.upper()}" for f in Settings.model_fields}
     env = {e["name"] for e in container(workload("multi-gpu", "gateway"))["env"]}
     assert {e for e in env if e.startswith("GATEWAY_")} <= fields
+
+
+def test_vllm_container_starts_vllm_with_the_memory_share(tmp_path):
+    """``distill serve --dry-run`` with the container's arguments prints the vLLM command."""
+    args = compose.distill_argv({"entrypoint": k8s_argv("multi-gpu", "vllm")})
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    args[args.index("--model") + 1] = str(model)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args, "--dry-run"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    cmd = shlex.split(proc.stdout.strip().splitlines()[-1])
+    assert compose.option(cmd, "--gpu-memory-utilization") == "0.90"
+    assert (
+        compose.option(cmd, "--served-model-name")
+        == read_env_file(SETTINGS_ENV)["SERVED_MODEL_NAME"]
+    )

@@ -8,6 +8,7 @@ whom, monitoring (promtool on the alert rules, the dashboard ConfigMap) and the 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -282,3 +283,21 @@ def test_make_k8s_up_applies_the_stages_in_order_and_waits(overlay, train):
     for resource in ("job/generate", train, "job/merge"):
         assert re.search(rf"kubectl.* wait .*{resource}", out), resource
     assert out.index("rollout status deployment/vllm") > at[-1]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_settings_from_the_manifest_are_valid(overlay, tmp_path, monkeypatch):
+    """The gateway container's environment, as the kubelet builds it, is a valid Settings."""
+    from gateway.settings import Settings
+
+    objs = rendered(overlay)
+    env = env_values(objs, container(one(objs, "Deployment", "gateway")))
+    keys = tmp_path / "keys"
+    keys.write_text("sk-test-0123456789\n")
+    for name in [n for n in os.environ if n.startswith("GATEWAY_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(keys) if name == "GATEWAY_API_KEYS_FILE" else value)
+    settings = Settings()
+    assert settings.upstreams_dns == env["GATEWAY_UPSTREAMS_DNS"]
+    assert settings.port == int(env["GATEWAY_PORT"]) and settings.api_keys_file == keys
