@@ -150,7 +150,7 @@ async def sdk_loop(base_url: str, level: int, requests: int, stream: bool) -> No
     import httpx2
     import openai
 
-    from pipeline.task import load_task
+    from distill_common.task import load_task
 
     task = load_task(ROOT / "configs" / "tasks" / "news.yaml")
     client = openai.AsyncOpenAI(

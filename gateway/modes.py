@@ -1,6 +1,6 @@
 """Think modes: what the client sees of the reasoning (separate, hide, inline).
 
-The text rules themselves live in :mod:`pipeline.think`; this module applies them to OpenAI
+The text rules themselves live in :mod:`distill_common.think`; this module applies them to OpenAI
 request and response bodies, whole or streamed.
 """
 
@@ -12,15 +12,15 @@ from typing import Any
 
 import orjson
 
-from gateway.protocol import ChatCompletionRequest, GatewayError
-from gateway.settings import THINK_MODES
-from pipeline.think import (
+from distill_common.think import (
     THINK_CLOSE,
     THINK_OPEN,
     ThinkStreamSplitter,
     join_reasoning,
     split_think,
 )
+from gateway.protocol import ChatCompletionRequest, GatewayError
+from gateway.settings import THINK_MODES
 
 UPSTREAM_REASONING = ("reasoning_content", "reasoning")
 _SLOW = object()  # a fast path declined: take the general one

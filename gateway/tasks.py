@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.task import Task, TaskError, load_task
+from distill_common.task import Task, TaskError, load_task
 
 
 class TaskRegistry:

@@ -4,14 +4,14 @@ Every endpoint (``--endpoint NAME=URL[@MODEL]``, as many as you like) is asked t
 rows concurrently with the official async ``openai`` SDK. Whatever the server returns - one text
 with inline ``<think>`` tags, or the reasoning split out into ``reasoning_content`` (DeepSeek,
 Bailian) or ``reasoning`` (vLLM) - is rebuilt into one text with
-:func:`pipeline.think.join_reasoning` and scored with the task's answer rule.
+:func:`distill_common.think.join_reasoning` and scored with the task's answer rule.
 
 Definitions (per endpoint, over all ``n`` rows; a failed request counts as a miss everywhere):
 
 * ``format_rate``: the response has a closed think section with non-empty reasoning, no stray or
   unclosed tags, and an answer after ``</think>`` that :meth:`Task.read_label` accepts - the shape
   the gateway and the users rely on. ``canonical_rate`` is the stricter byte-exact shape
-  (:func:`pipeline.think.is_canonical` after stripping outer whitespace).
+  (:func:`distill_common.think.is_canonical` after stripping outer whitespace).
 * ``accuracy``: the label read from the answer equals the gold label. The label is read after
   ``</think>``, or from the whole text when there is no think section at all (so a model that
   answers a bare label still scores); an unclosed think section has no label.
@@ -42,8 +42,8 @@ from urllib.parse import urlparse
 
 import typer
 
-from pipeline.task import InputSpec, Task, TaskError, load_task
-from pipeline.think import is_canonical, join_reasoning, split_think
+from distill_common.task import InputSpec, Task, TaskError, load_task
+from distill_common.think import is_canonical, join_reasoning, split_think
 
 INVALID = "(无效)"  # the confusion-matrix column for responses with no readable label
 TEACHER = "teacher"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.task import Task, load_task
+from distill_common.task import Task, load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 NEWS_TASK = ROOT / "configs" / "tasks" / "news.yaml"

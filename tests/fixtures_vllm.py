@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.task import Task, load_task
-from pipeline.think import format_answer
+from distill_common.task import Task, load_task
+from distill_common.think import format_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 NEWS_TASK = ROOT / "configs" / "tasks" / "news.yaml"

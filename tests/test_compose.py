@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 from functools import cache
@@ -20,22 +21,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sample_input
 
 COMPOSE_FILE = ROOT / "docker-compose.gpu.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 COMPOSE_BIN = Path(sys.executable).parent / "docker-compose"
 RUN_ONCE = ROOT / "compose" / "bin" / "run-once"
+WITH_SERVER = ROOT / "compose" / "bin" / "with-server"
 JOBS = ("generate", "train", "merge")
-ONE_SHOT = (*JOBS, "eval")
-GPU_SERVICES = {"train", "merge", "vllm", "teacher"}
-SECRET_VARS = ("TEACHER_API_KEY", "HF_TOKEN", "GATEWAY_API_KEYS", "GRAFANA_ADMIN_PASSWORD")
-# which services may receive each secret (as a run-time environment variable, nothing else)
+ONE_SHOT = (*JOBS, "generate-local", "eval")
+GPU_SERVICES = {"train", "merge", "vllm", "generate-local"}
+ALL_PROFILES = ("api-teacher", "local-teacher", "eval", "ui")
+SECRET_VARS = ("TEACHER_API_KEY", "HF_TOKEN", "GATEWAY_API_KEYS", "GRAFANA_ADMIN_PASSWORD",
+               "UI_GATEWAY_KEY")  # fmt: skip
+# which services may receive each secret (as a run-time environment variable, nothing else;
+# Grafana's password travels as a Compose secret file, in no service's environment)
 SECRET_USERS = {
-    "TEACHER_API_KEY": {"generate", "teacher"},
-    "HF_TOKEN": {"train", "merge"},
+    "TEACHER_API_KEY": {"generate"},
+    "HF_TOKEN": {"train", "merge", "generate-local"},
     "GATEWAY_API_KEYS": {"gateway"},
-    "GRAFANA_ADMIN_PASSWORD": {"grafana"},
+    "GRAFANA_ADMIN_PASSWORD": set(),
+    "UI_GATEWAY_KEY": {"open-webui"},
 }
 
 
@@ -65,7 +71,7 @@ def rendered() -> dict:
 
 @cache
 def rendered_all_profiles() -> dict:
-    return render("--profile", "local-teacher", "--profile", "eval")
+    return render(*(a for p in ALL_PROFILES for a in ("--profile", p)))
 
 
 def services() -> dict[str, dict]:
@@ -110,12 +116,32 @@ def run_once_markers(service: dict) -> list[str]:
     return args[1 : args.index("--")]
 
 
+def with_server_parts(service: dict) -> tuple[str, list[str], list[str]]:
+    """(health URL, server argv, client argv) of a service run through ``with-server``."""
+    args = argv(service)
+    args = args[args.index("with-server") + 1 :]
+    url, sep, *rest = args
+    assert sep == "--", args
+    cut = rest.index("--")
+    return url, rest[:cut], rest[cut + 1 :]
+
+
+def distill_commands(service: dict) -> list[list[str]]:
+    """Every ``distill`` command line a service runs (two for server + client jobs)."""
+    if "with-server" in argv(service):
+        _, server, client = with_server_parts(service)
+        return [server[1:], client[1:]]
+    return [distill_argv(service)]
+
+
 # ---- structure ---------------------------------------------------------------------------
 
 
 def test_job_chain_waits_for_each_stage_to_succeed():
     s = services()
-    assert s["train"]["depends_on"]["generate"]["condition"] == "service_completed_successfully"
+    for gen in ("generate", "generate-local"):  # the one the profiles run
+        dep = s["train"]["depends_on"][gen]
+        assert dep["condition"] == "service_completed_successfully" and not dep["required"]
     assert s["merge"]["depends_on"]["train"]["condition"] == "service_completed_successfully"
     assert s["vllm"]["depends_on"]["merge"]["condition"] == "service_completed_successfully"
     assert s["gateway"]["depends_on"]["vllm"]["condition"] == "service_healthy"
@@ -125,7 +151,7 @@ def test_one_shot_jobs_never_restart_and_services_do():
     s = rendered_all_profiles()["services"]
     for job in ONE_SHOT:
         assert s[job]["restart"] == "no", job
-    for svc in ("vllm", "gateway", "prometheus", "grafana"):
+    for svc in ("vllm", "gateway", "prometheus", "grafana", "open-webui"):
         assert s[svc]["restart"] == "unless-stopped", svc
 
 
@@ -192,16 +218,30 @@ def test_no_image_floats():
         assert repo and "/" not in tag and tag and tag != "latest", f"{name}: {image} not pinned"
 
 
-def test_local_teacher_profile_feeds_generate():
-    env = {"TEACHER_URL": "http://teacher:8000/v1", "TEACHER_MODEL": "r1-local"}
-    s = render("--profile", "local-teacher", env=env)["services"]
-    teacher = distill_argv(s["teacher"])
-    assert teacher[0] == "serve" and option(teacher, "--served-model-name") == "r1-local"
-    gen = distill_argv(s["generate"])
-    assert option(gen, "--teacher-url") == f"http://teacher:{option(teacher, '--port')}/v1"
-    assert option(gen, "--teacher-model") == "r1-local"
-    assert s["generate"]["depends_on"]["teacher"]["condition"] == "service_healthy"
-    assert "teacher" not in services(), "the teacher runs only with its profile"
+def test_local_teacher_is_a_job_that_ends_before_training():
+    """The local teacher lives exactly as long as its generate run: one job serves it on the
+    container's loopback, generates against it, and stops it before train may start."""
+    s = render(env={"COMPOSE_PROFILES": "local-teacher"})["services"]
+    assert "generate" not in s and "generate-local" in s, "one teacher profile at a time"
+    job = s["generate-local"]
+    assert job["restart"] == "no" and job["healthcheck"] == {"disable": True}
+    url, server, client = with_server_parts(job)
+    assert server[:2] == ["distill", "serve"] and client[:2] == ["distill", "generate"]
+    host, port = option(server, "--host"), option(server, "--port")
+    assert host == "127.0.0.1", "reachable from inside the job only: no key needed"
+    assert url == f"http://{host}:{port}/health"
+    assert option(client, "--teacher-url") == f"http://{host}:{port}/v1"
+    assert option(client, "--teacher-model") == option(server, "--served-model-name")
+    assert "--api-key-env" not in client
+    assert option(client, "--out") == option(distill_argv(s["train"]), "--data")
+    dep = s["train"]["depends_on"]["generate-local"]
+    assert dep["condition"] == "service_completed_successfully"
+    # nothing that keeps running holds a GPU besides the student's vLLM
+    for name, svc in s.items():
+        reserved = svc.get("deploy", {}).get("resources", {}).get("reservations", {})
+        if reserved.get("devices") and svc.get("restart") != "no":
+            assert name == "vllm", f"{name} keeps its GPU after its stage"
+    assert "generate-local" not in services(), "the default profile asks a teacher API"
 
 
 def test_replicas_override_puts_each_vllm_on_its_own_gpu_behind_the_gateway():
@@ -228,7 +268,9 @@ def env_example() -> dict[str, str]:
 
 
 def test_env_example_documents_every_variable_the_compose_file_reads():
-    used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", COMPOSE_FILE.read_text()))
+    text = COMPOSE_FILE.read_text()
+    used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", text))
+    used |= set(re.findall(r"^\s+environment: ([A-Z][A-Z0-9_]*)$", text, re.M))  # secrets
     documented = env_example()
     assert used - set(documented) == set(), "undocumented in .env.example"
     unused = {k for k in documented if k not in used and not k.startswith("COMPOSE_")}
@@ -248,7 +290,7 @@ def test_env_example_ships_no_secret():
 
 def test_secrets_reach_containers_only_as_runtime_environment():
     sentinels = {var: f"sentinel-{var.lower()}-0123456789" for var in SECRET_VARS}
-    config = render("--profile", "local-teacher", env=sentinels)
+    config = render(*(a for p in ALL_PROFILES for a in ("--profile", p)), env=sentinels)
     for name, svc in config["services"].items():
         env_values = set((svc.get("environment") or {}).values())
         rest = json.dumps({k: v for k, v in svc.items() if k != "environment"})
@@ -303,8 +345,11 @@ def test_finished_stages_are_skipped_by_their_output_markers():
         markers = run_once_markers(s[job])
         assert {Path(m).name for m in markers} == files, job
         assert all(str(Path(m).parent) == out for m in markers), job
-    # generate is resumable through its ledger: a re-run re-sends nothing already answered
-    assert argv(s["generate"])[0] == "distill"
+    # generate too (a forced re-run is cheap: the ledger answers what was already asked)
+    all_ = rendered_all_profiles()["services"]
+    for job in ("generate", "generate-local"):
+        (marker,) = run_once_markers(all_[job])
+        assert Path(marker) == Path(option(distill_commands(all_[job])[-1], "--out")) / "stats.json"
 
 
 def _cli_parse(args: list[str]) -> None:
@@ -320,10 +365,13 @@ def _cli_parse(args: list[str]) -> None:
     sub.make_context(f"distill {name}", rest)
 
 
-@pytest.mark.parametrize("service", ["generate", "train", "merge", "vllm", "teacher", "eval"])
+@pytest.mark.parametrize(
+    "service", ["generate", "generate-local", "train", "merge", "vllm", "eval"]
+)
 def test_every_container_command_parses_with_the_distill_cli(service):
     svc = rendered_all_profiles()["services"][service]
-    _cli_parse(distill_argv(svc))
+    for args in distill_commands(svc):
+        _cli_parse(args)
 
 
 def test_training_launcher_is_accelerate_running_the_distill_module():
@@ -394,3 +442,335 @@ def test_run_once_runs_until_every_marker_exists(tmp_path):
 def test_run_once_rejects_a_malformed_call(args):
     proc = _run_once(*args)
     assert proc.returncode == 2 and "usage: run-once" in proc.stderr
+
+
+# ---- with-server (the local teacher's wrapper, baked into the serve image) ----------------
+
+SERVER = """
+import http.server, sys, time
+time.sleep(float(sys.argv[2]))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"up")
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def _with_server(*args: str, env: dict | None = None, timeout: float = 60):
+    return subprocess.run(
+        ["sh", str(WITH_SERVER), *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_with_server_runs_the_client_once_the_server_is_healthy_then_stops_it(tmp_path):
+    from tests.conftest import free_port
+
+    port = free_port()
+    pidfile = tmp_path / "server.pid"
+    server = ["sh", "-c", f'echo $$ > {pidfile}; exec "$0" -c "$1" {port} 1', sys.executable,
+              SERVER]  # fmt: skip
+    fetch = (
+        f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{port}/').read().decode())"
+    )
+    client = ["sh", "-c", f'{sys.executable} -c "{fetch}"; exit 7']
+    proc = _with_server(f"http://127.0.0.1:{port}/", "--", *server, "--", *client)
+    assert proc.returncode == 7, proc.stderr  # the client's own status
+    assert proc.stdout.strip() == "up"  # it ran while the server answered
+    assert not _alive(int(pidfile.read_text())), "the server outlived the job"
+
+
+def test_with_server_fails_when_the_server_dies_or_never_answers(tmp_path):
+    from tests.conftest import free_port
+
+    port = free_port()
+    ran = tmp_path / "client-ran"
+    client = ["touch", str(ran)]
+    proc = _with_server(f"http://127.0.0.1:{port}/", "--", "sh", "-c", "exit 1", "--", *client)
+    assert proc.returncode == 3 and "exited before" in proc.stderr
+    proc = _with_server(f"http://127.0.0.1:{port}/", "--", "sleep", "30", "--", *client,
+                        env={"WITH_SERVER_TIMEOUT": "2"})  # fmt: skip
+    assert proc.returncode == 3 and "did not answer within 2 s" in proc.stderr
+    assert not ran.exists()
+
+
+@pytest.mark.slow
+def test_local_teacher_job_runs_generate_against_a_teacher_it_serves_itself(tmp_path):
+    """The generate-local job's shape, run for real with the stand-in as the served teacher:
+    the rendered client command (its paths moved to tmp) generates the data through
+    with-server, and the teacher is gone when the job ends."""
+    from tests.conftest import free_port
+
+    s = rendered_all_profiles()["services"]
+    _, _, client = with_server_parts(s["generate-local"])
+    port = free_port()
+    pidfile = tmp_path / "teacher.pid"
+    server = ["sh", "-c", f'echo $$ > {pidfile}; exec "$@"', "sh", sys.executable, "-m",
+              "pipeline.cli", "teacher-standin", "--port", str(port), "--model",
+              option(client, "--teacher-model")]  # fmt: skip
+    args = client[1:]
+    for flag, value in (("--out", str(tmp_path / "data")),
+                        ("--teacher-url", f"http://127.0.0.1:{port}/v1"),
+                        ("--input", str(sample_input(tmp_path, 12)))):  # fmt: skip
+        args[args.index(flag) + 1] = value
+    proc = subprocess.run(
+        ["sh", str(WITH_SERVER), f"http://127.0.0.1:{port}/health", "--", *server, "--",
+         sys.executable, "-m", "pipeline.cli", *args, "--quiet"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads((tmp_path / "data" / "stats.json").read_text())
+    assert out["accepted"] + out["rejected"] + out["inputs"]["test"] == 12
+    assert not _alive(int(pidfile.read_text())), "the teacher outlived the job"
+
+
+@pytest.mark.parametrize("args", [[], ["url", "--", "srv"], ["url", "--", "srv", "--"],
+                                  ["url", "x", "srv", "--", "cli"]])  # fmt: skip
+def test_with_server_rejects_a_malformed_call(args):
+    proc = _with_server(*args)
+    assert proc.returncode == 2 and "usage: with-server" in proc.stderr
+
+
+# ---- flows: what `run`, `up` and RUN_ONCE_FORCE start ---------------------------------------
+
+
+def test_run_once_force_reaches_every_job_it_wraps():
+    for value in ("0", "1"):
+        config = render(*(a for p in ALL_PROFILES for a in ("--profile", p)),
+                        env={"RUN_ONCE_FORCE": value})  # fmt: skip
+        wrapped = [
+            n
+            for n, svc in config["services"].items()
+            if (svc.get("entrypoint") or [""])[0] == "run-once"
+        ]
+        assert set(wrapped) == {"generate", "generate-local", "train", "merge"}
+        for name in wrapped:
+            assert config["services"][name]["environment"]["RUN_ONCE_FORCE"] == value, name
+
+
+def _make_dry_run(target: str) -> str:
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "-n", "-o", ".env", target,
+         "DOCKER_COMPOSE=docker compose"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_make_targets_run_one_stage_without_starting_its_dependencies():
+    mk = (ROOT / "mk" / "containers.mk").read_text()
+    targets = re.search(r"^\.PHONY:(.*?)(?<!\\)\n", mk, re.M | re.S)[1].replace("\\\n", " ").split()
+    runs = 0
+    for target in targets:
+        if target in ("lock", "lint-containers"):
+            continue
+        for line in _make_dry_run(target).splitlines():
+            words = line.split()
+            if "run" in words or ("up" in words and target != "up"):
+                runs += 1
+                assert "--no-deps" in words, f"make {target}: {line}"
+    assert runs >= 6
+    # the README's own `docker compose ... run` lines too
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if re.search(r"docker compose .*\brun\b", line):
+            assert "--no-deps" in line, line
+
+
+# ---- safe defaults -------------------------------------------------------------------------
+
+
+def test_published_ports_bind_loopback_by_default_and_the_gateway_needs_keys():
+    s = rendered_all_profiles()["services"]
+    published = {n: svc["ports"] for n, svc in s.items() if svc.get("ports")}
+    assert set(published) == {"gateway", "prometheus", "grafana", "open-webui"}
+    for name, ports in published.items():
+        assert all(p["host_ip"] == "127.0.0.1" for p in ports), name
+    gw = s["gateway"]["environment"]
+    # inside its container the gateway must listen beyond loopback for the published port;
+    # without keys it then refuses to start unless anonymous use is asked for explicitly
+    assert gw["GATEWAY_HOST"] == "0.0.0.0"
+    assert gw["GATEWAY_API_KEYS"] == "" and gw["GATEWAY_ALLOW_ANONYMOUS"] == "false"
+    opened = render(env={"GATEWAY_BIND": "0.0.0.0", "GATEWAY_ALLOW_ANONYMOUS": "true"})
+    gw2 = opened["services"]["gateway"]
+    assert gw2["ports"][0]["host_ip"] == "0.0.0.0"
+    assert gw2["environment"]["GATEWAY_ALLOW_ANONYMOUS"] == "true"
+
+
+def test_grafana_takes_a_required_password_from_a_secret_file_and_checks_for_nothing(tmp_path):
+    config = render(env={"GRAFANA_ADMIN_PASSWORD": "pw-sentinel-42"})
+    graf = config["services"]["grafana"]
+    env = graf["environment"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env
+    (secret,) = graf["secrets"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD__FILE"] == f"/run/secrets/{secret['source']}"
+    assert config["secrets"][secret["source"]]["environment"] == "GRAFANA_ADMIN_PASSWORD"
+    assert "pw-sentinel-42" not in json.dumps(config)  # read at `up`, never in the config
+    for key in ("REPORTING_ENABLED", "CHECK_FOR_UPDATES", "CHECK_FOR_PLUGIN_UPDATES"):
+        assert env[f"GF_ANALYTICS_{key}"] == "false", key
+    # the entrypoint refuses an empty password file, else hands over to Grafana's /run.sh
+    entry = [
+        a.replace("$$", "$").replace("/run.sh", "echo grafana-starts") for a in graf["entrypoint"]
+    ]
+    assert entry[0] == "sh"
+    for content, ok in (("", False), ("s3cret", True)):
+        pw = tmp_path / "pw"
+        pw.write_text(content)
+        proc = subprocess.run(
+            [*entry, "--homepath", "/usr/share/grafana"], capture_output=True, text=True,
+            env={**os.environ, "GF_SECURITY_ADMIN_PASSWORD__FILE": str(pw)}, timeout=10,
+        )  # fmt: skip
+        if ok:
+            assert proc.returncode == 0 and "grafana-starts --homepath" in proc.stdout
+        else:
+            assert proc.returncode != 0 and "set GRAFANA_ADMIN_PASSWORD" in proc.stderr
+
+
+# ---- vLLM as its documentation runs it -----------------------------------------------------
+
+
+def _image_env(stage: str) -> dict[str, str]:
+    text = re.sub(r"\\\n", " ", (ROOT / "images" / stage / "Dockerfile").read_text())
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(re.findall(r"(\w+)=(\S+)", line))
+    return env
+
+
+def test_vllm_compile_cache_is_a_named_volume_and_jobs_have_no_server_healthcheck():
+    s = rendered_all_profiles()["services"]
+    cache = _image_env("serve")["HOME"] + "/.cache/vllm"
+    for name in ("vllm", "generate-local"):
+        mounts = {m["target"]: m for m in s[name]["volumes"]}
+        assert cache in mounts and mounts[cache]["type"] == "volume", name
+        assert mounts[cache]["source"] in rendered()["volumes"]
+    # jobs built from the serve image are not servers: its HEALTHCHECK does not apply
+    for job in ("eval", "generate-local"):
+        assert s[job]["healthcheck"] == {"disable": True}, job
+
+
+def test_max_model_len_covers_the_generation_budget():
+    s = rendered_all_profiles()["services"]
+    budget = int(option(distill_argv(s["generate"]), "--max-tokens"))
+    assert int(option(distill_argv(s["vllm"]), "--max-model-len")) >= budget + 1024
+    _, server, client = with_server_parts(s["generate-local"])
+    assert int(option(server, "--max-model-len")) >= int(option(client, "--max-tokens")) + 1024
+
+
+# ---- builds --------------------------------------------------------------------------------
+
+
+def _arg_default(stage: str, name: str) -> str:
+    text = (ROOT / "images" / stage / "Dockerfile").read_text()
+    (value,) = re.findall(rf"^ARG {name}=(\S+)$", text, re.M)
+    return value
+
+
+def test_every_build_takes_the_package_index_and_base_image_from_env():
+    s = rendered_all_profiles()["services"]
+    built = {n: svc["build"] for n, svc in s.items() if "build" in svc}
+    assert set(built) >= {"generate", "generate-local", "train", "merge", "vllm", "gateway", "eval"}
+    for name, build in built.items():
+        stage = Path(build["dockerfile"]).parent.name
+        assert build["args"]["PIP_INDEX_URL"] == _arg_default(stage, "PIP_INDEX_URL"), name
+        if stage in ("serve", "train"):  # the compose default is the Dockerfile's own
+            assert build["args"]["BASE_IMAGE"] == _arg_default(stage, "BASE_IMAGE"), name
+    cu12 = "vllm/vllm-openai:v0.32.0-cu129"
+    env = {"SERVE_BASE_IMAGE": cu12, "PIP_INDEX_URL": "https://mirror.example/simple"}
+    s = render(*(a for p in ALL_PROFILES for a in ("--profile", p)), env=env)["services"]
+    for name in ("vllm", "eval", "generate-local"):
+        assert s[name]["build"]["args"]["BASE_IMAGE"] == cu12, name
+    assert {svc["build"]["args"]["PIP_INDEX_URL"] for svc in s.values() if "build" in svc} == {
+        "https://mirror.example/simple"
+    }
+
+
+# ---- the chat UI (profile `ui`) ------------------------------------------------------------
+
+
+def test_open_webui_is_off_by_default_and_talks_to_the_gateway_with_a_key():
+    assert "open-webui" not in services()
+    s = render("--profile", "ui", env={"UI_GATEWAY_KEY": "sk-ui", "GATEWAY_API_KEYS": "sk-ui"})
+    ui, gw = s["services"]["open-webui"], s["services"]["gateway"]
+    env = ui["environment"]
+    assert env["OPENAI_API_BASE_URL"] == f"http://gateway:{gw['environment']['GATEWAY_PORT']}/v1"
+    assert env["OPENAI_API_KEY"] == "sk-ui"
+    assert env["OPENAI_API_KEY"] in gw["environment"]["GATEWAY_API_KEYS"].split(",")
+    assert env["ENABLE_OLLAMA_API"] == "false"
+    assert env["ENABLE_PERSISTENT_CONFIG"] == "false"  # a new key in .env takes effect
+    assert env["ENABLE_VERSION_UPDATE_CHECK"] == "false"
+    assert ui["depends_on"]["gateway"]["condition"] == "service_healthy"
+    assert ui["image"].startswith("ghcr.io/open-webui/open-webui:v")
+    assert {m["target"] for m in ui["volumes"]} == {"/app/backend/data"}
+    readme = (ROOT / "README.md").read_text()
+    assert "Open WebUI" in readme and "ui" in env_example()["COMPOSE_PROFILES"] + readme
+
+
+def test_make_env_fills_in_fresh_secrets_privately(tmp_path):
+    """`make .env` gives every install its own gateway key (shared with Open WebUI) and Grafana
+    password, in a file only its owner reads, and stops so the teacher key can be added."""
+    shutil.copy(ENV_EXAMPLE, tmp_path / ".env.example")
+    values = []
+    for _ in range(2):
+        (tmp_path / ".env").unlink(missing_ok=True)
+        proc = subprocess.run(
+            ["make", "-f", str(ROOT / "mk" / "containers.mk"), ".env"],
+            capture_output=True, text=True, cwd=tmp_path, timeout=30,
+        )  # fmt: skip
+        assert proc.returncode != 0 and "set TEACHER_API_KEY" in proc.stdout + proc.stderr
+        env = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", (tmp_path / ".env").read_text(), re.M))
+        assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600
+        assert env["GATEWAY_API_KEYS"] and env["UI_GATEWAY_KEY"] == env["GATEWAY_API_KEYS"]
+        assert len(env["GRAFANA_ADMIN_PASSWORD"]) >= 32 and env["TEACHER_API_KEY"] == ""
+        assert {k: v for k, v in env.items() if k not in SECRET_VARS} == {
+            k: v for k, v in env_example().items() if k not in SECRET_VARS
+        }
+        values.append((env["GATEWAY_API_KEYS"], env["GRAFANA_ADMIN_PASSWORD"]))
+    assert values[0][0] != values[1][0] and values[0][1] != values[1][1]  # fresh each time
+
+
+def test_vllm_itself_resolves_the_image_env_to_no_usage_stats_and_the_cache_volume():
+    """vLLM's own code (the release the CPU tests run), given the serve image's environment:
+    usage stats are off and its compile cache is where compose mounts the named volume."""
+    env = {"PATH": os.environ["PATH"], **_image_env("serve")}
+    probe = (
+        "import vllm.envs as e, vllm.usage.usage_lib as u; "
+        "print(e.VLLM_CACHE_ROOT); print(u.is_usage_stats_enabled())"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    cache_root, enabled = proc.stdout.split()[-2:]
+    assert enabled == "False"
+    targets = {m["target"] for m in services()["vllm"]["volumes"] if m["type"] == "volume"}
+    assert cache_root in targets
+
+
+def test_make_up_needs_a_teacher_profile(tmp_path):
+    """Without api-teacher or local-teacher no generate would run, and train would start on
+    no data: `make up` says so instead."""
+    text = ENV_EXAMPLE.read_text()
+    for profiles, ok in (("ui", False), ("eval,local-teacher", True), ("api-teacher", True)):
+        env = re.sub(r"^COMPOSE_PROFILES=.*$", f"COMPOSE_PROFILES={profiles}", text, flags=re.M)
+        (tmp_path / ".env").write_text(env)
+        proc = subprocess.run(
+            ["make", "-f", str(ROOT / "mk" / "containers.mk"), "up",
+             "DOCKER_COMPOSE=echo compose-would-run"],
+            capture_output=True, text=True, cwd=tmp_path, timeout=30,
+            env={k: v for k, v in os.environ.items() if k != "COMPOSE_PROFILES"},
+        )  # fmt: skip
+        assert (proc.returncode == 0) == ok, (profiles, proc.stderr)
+        assert ("compose-would-run" in proc.stdout) == ok
+        if not ok:
+            assert "must name api-teacher or local-teacher" in proc.stderr

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distill_common.task import Task
 from pipeline.standin.persona import DEFAULT_LEXICON, Persona, load_lexicon
-from pipeline.task import Task
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINES = ROOT / "data" / "news" / "headlines.jsonl"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from distill_common.think import format_answer, join_reasoning, split_think
 from pipeline.evaluate import (
     EvalError,
     class_report,
@@ -18,7 +19,6 @@ from pipeline.evaluate import (
     percentile,
     score_text,
 )
-from pipeline.think import format_answer, join_reasoning, split_think
 from tests.conftest import NEWS_TASK, ROOT, free_port
 
 # Hand-written headlines with gold labels (a few the stand-in's lexicon will miss or confuse).

@@ -14,8 +14,8 @@ import openai
 import orjson
 import pytest
 
+from distill_common.think import format_answer, split_think
 from pipeline.standin.faults import request_key
-from pipeline.think import format_answer, split_think
 from tests.conftest import ROOT, free_port
 from tests.fixtures_gateway import connect_hangs
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.think import ThinkSplit, ThinkStreamSplitter, split_think
+from distill_common.think import ThinkSplit, ThinkStreamSplitter, split_think
 
 # Responses the way students and teachers really write them, and the ways they go wrong.
 CORPUS = [

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from distill_common.task import TaskError
 from gateway.settings import Settings
 from gateway.tasks import TaskRegistry
-from pipeline.task import TaskError
 
 NEWS = Path(__file__).resolve().parents[1] / "configs" / "tasks" / "news.yaml"
 

@@ -12,7 +12,7 @@ import openai
 import orjson
 import pytest
 
-from pipeline.think import split_think
+from distill_common.think import split_think
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ GREEDY = {"temperature": 0, "max_tokens": 96, "seed": 0}
 
 @pytest.fixture(scope="module")
 def question(vllm_server) -> list[dict]:
-    from pipeline.task import load_task
+    from distill_common.task import load_task
     from tests.conftest import NEWS_TASK
 
     task = load_task(NEWS_TASK)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from distill_common.think import is_canonical
 from pipeline.generate.client import RetryPolicy
 from pipeline.generate.inputs import read_inputs, split_rows
 from pipeline.generate.run import GenerateOptions, run_generate
 from pipeline.generate.teachers import TeachersConfig, TeacherSpec
 from pipeline.standin.faults import FaultPlan
 from pipeline.standin.faults import request_key as standin_key
-from pipeline.think import is_canonical
 from tests.conftest import NEWS_TASK, sample_input
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]

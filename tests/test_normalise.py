@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distill_common.think import THINK_CLOSE, THINK_OPEN, format_answer, is_canonical
 from pipeline.generate.normalise import normalise, response_text
-from pipeline.think import THINK_CLOSE, THINK_OPEN, format_answer, is_canonical
 
 REASONING = "嗯,标题里有“芯片”和“大模型”,这是科技。\n会不会是财经?没有营收数据,排除。"
 CANON = format_answer(REASONING, "科技")

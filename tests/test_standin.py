@@ -10,6 +10,7 @@ import openai
 import pytest
 import yaml
 
+from distill_common.think import join_reasoning, split_think
 from pipeline.standin.faults import FaultPlan, FaultSpecError, request_key
 from pipeline.standin.persona import (
     DEFAULT_LEXICON,
@@ -18,7 +19,6 @@ from pipeline.standin.persona import (
     headline_of,
     load_lexicon,
 )
-from pipeline.think import join_reasoning, split_think
 
 FORMATS = ["reasoning_content", "reasoning", "inline", "inline-no-open"]
 

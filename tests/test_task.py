@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.task import TaskError, load_task
-from pipeline.think import format_answer
+from distill_common.task import TaskError, load_task
+from distill_common.think import format_answer
 from tests.conftest import NEWS_TASK
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.think import format_answer, is_canonical, join_reasoning, split_think
+from distill_common.think import format_answer, is_canonical, join_reasoning, split_think
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from pipeline.think import is_canonical, split_think
+from distill_common.think import is_canonical, split_think
 from tests.fixtures_vllm import ROOT, news_rows, student_rows, write_alpaca
 
 

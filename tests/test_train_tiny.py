@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.think import format_answer
+from distill_common.think import format_answer
 from tests.fixtures_vllm import HEADLINES, NEWS_TASK
 
 

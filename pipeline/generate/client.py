@@ -189,7 +189,8 @@ class TeacherClient:
 
     def __init__(self, spec: TeacherSpec, *, timeout: float = 600.0, stream: bool = True):
         self.spec = spec
-        self.stream = stream
+        self.stream = stream if spec.stream is None else spec.stream
+        self.options = spec.request_options()
         key = self._key = spec.api_key()
         size = spec.max_concurrency
         to = httpx2.Timeout(timeout, connect=min(timeout, 30.0))
@@ -262,7 +263,14 @@ class TeacherClient:
         else:
             create = completions.with_raw_response.create if raw else completions.create
         stream = kw.pop("stream", openai.omit)
-        body = {"model": self.spec.model, "messages": messages, "seed": seed, **params, **kw}
+        body = {
+            "model": self.spec.model,
+            "messages": messages,
+            "seed": seed,
+            **params,
+            **self.options,
+            **kw,
+        }
         return create(model=openai.omit, messages=[], stream=stream, extra_body=body)  # type: ignore[arg-type]
 
     async def _streamed(

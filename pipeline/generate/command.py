@@ -78,6 +78,15 @@ def generate(
     tokenizer: Annotated[
         Path | None, typer.Option(help="Tokenizer folder: reasoning length in tokens too.")
     ] = None,
+    cutoff_len: Annotated[
+        int | None,
+        typer.Option(
+            min=16,
+            help="The training cutoff (tokens) you will use: examples longer than it are "
+            "counted and warned about, and it goes into llamafactory_sft.yaml. Default: the "
+            "measured 99th percentile.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or summary table.")] = False,
     workers: Annotated[
         int | None,
@@ -92,17 +101,18 @@ def generate(
     """Generate R1-style training data from a teacher; resumable (re-run the same command).
 
     Writes train.json / test.json (alpaca), train.sharegpt.jsonl, dataset_info.json,
-    rejects.jsonl, stats.json and the request ledger ledger.sqlite into --out.
+    llamafactory_sft.yaml, rejects.jsonl, stats.json and the request ledger ledger.sqlite
+    into --out. The data files honour the umask; the ledger stays private (0600).
     Held-out inputs (--test-ratio) are asked once, without the gold filter; test.json keeps
     every one of them with its gold `label` and the teacher's `teacher_label`.
     """
+    from distill_common.task import TaskError
     from pipeline.generate.client import FatalError, RetryPolicy
     from pipeline.generate.inputs import InputError
     from pipeline.generate.run import GenerateOptions, run_generate
     from pipeline.generate.stats import TokenizerError
     from pipeline.generate.teachers import TeacherConfigError
     from pipeline.generate.workers import WorkerError
-    from pipeline.task import TaskError
 
     try:
         cfg = _teachers(teachers, teacher_url, teacher_model, api_key_env, concurrency)
@@ -127,6 +137,7 @@ def generate(
             quiet=quiet,
             retry=RetryPolicy(max_attempts=max_attempts, base_s=retry_base),
             workers=workers,
+            cutoff_len=cutoff_len,
         )
         stats = run_generate(opts)
     except (
@@ -148,6 +159,9 @@ def generate(
         raise typer.Exit(130) from None
     if not quiet:
         _summary(stats, out)
+    warning = (stats.get("lengths") or {}).get("warning")
+    if warning:  # shown even with --quiet: silent truncation is what it prevents
+        typer.echo(f"warning: {warning}", err=True)
 
 
 def _summary(stats: dict, out: Path) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.task import Task
+from distill_common.task import Task
 
 
 class InputError(ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
 import unicodedata
@@ -34,15 +35,27 @@ CREATE TABLE IF NOT EXISTS responses (
 
 
 def request_key(
-    messages: list[dict[str, str]], model: str, params: dict[str, Any], sample: int
+    messages: list[dict[str, str]],
+    model: str,
+    params: dict[str, Any],
+    sample: int,
+    options: Any = None,
 ) -> str:
-    """sha256 of (normalised messages, model, sampling params, sample index)."""
+    """sha256 of (normalised messages, model, sampling params, sample index[, options]).
+
+    ``options`` (the teachers' request options, e.g. a thinking toggle) join the key only
+    when there are some, so the keys of teachers without any never change and an existing
+    ledger keeps answering them.
+    """
     norm = [
         {"role": m["role"], "content": unicodedata.normalize("NFC", m["content"]).strip()}
         for m in messages
     ]
+    ident: dict[str, Any] = {"messages": norm, "model": model, "params": params, "sample": sample}
+    if options:
+        ident["options"] = options
     blob = json.dumps(
-        {"messages": norm, "model": model, "params": params, "sample": sample},
+        ident,
         ensure_ascii=False,
         sort_keys=True,
         separators=(",", ":"),
@@ -76,6 +89,10 @@ class Ledger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Paid-for answers stay private whatever the umask (SQLite gives its -wal and -shm
+        # files the database file's mode).
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(self.path, 0o600)
         self.db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=60.0
         )  # worker processes share the file: a writer waits (busy timeout) for another's commit

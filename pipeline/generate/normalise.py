@@ -1,6 +1,6 @@
 """Turn one raw teacher response into the canonical answer text, or a reject reason.
 
-Built only on :mod:`pipeline.think` (the format rules) and :meth:`Task.read_label` (the answer
+Built only on :mod:`distill_common.think` (the format rules) and :meth:`Task.read_label` (the answer
 rule); this module adds the *policy*: which anomalies are tolerated and which reject.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.task import Task
-from pipeline.think import THINK_CLOSE, THINK_OPEN, format_answer, join_reasoning, split_think
+from distill_common.task import Task
+from distill_common.think import THINK_CLOSE, THINK_OPEN, format_answer, join_reasoning, split_think
 
 # Reject reasons, in the order the checks run.
 TRUNCATED = "truncated"

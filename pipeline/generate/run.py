@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill_common.task import Task, load_task
+from pipeline.generate import lengths
 from pipeline.generate.client import CallResult, RetryPolicy, TeacherClient, call_with_retries
 from pipeline.generate.inputs import InputRow, read_inputs, split_rows
 from pipeline.generate.ledger import Ledger, Stored, request_key
@@ -26,7 +28,6 @@ from pipeline.generate.normalise import Outcome, normalise
 from pipeline.generate.stats import build_stats, token_counter
 from pipeline.generate.teachers import EndpointPool, TeachersConfig
 from pipeline.generate.writers import alpaca_record, sharegpt_record, write_outputs
-from pipeline.task import Task, load_task
 
 LEDGER = "ledger.sqlite"
 
@@ -55,6 +56,7 @@ class GenerateOptions:
     quiet: bool = False
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     workers: int | None = None  # processes sending requests; None = auto (see workers.py)
+    cutoff_len: int | None = None  # training cutoff to check the data against (lengths.py)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -130,9 +132,10 @@ class Runner:
         self.duplicates = inputs.duplicates
         self.rows = split_rows(inputs.rows, test_ratio=opts.test_ratio, seed=opts.seed)
         self.model = opts.teachers.key_model
+        options = opts.teachers.key_options
         self.keys = {
             row.id: [
-                request_key(row.messages, self.model, opts.params, s)
+                request_key(row.messages, self.model, opts.params, s, options)
                 for s in range(samples_for(row, opts))
             ]
             for row in self.rows
@@ -328,6 +331,9 @@ class Runner:
                 train.append(alpaca_record(row.id, row.messages, text, d.outcome.label))
                 sharegpt.append(sharegpt_record(row.id, row.messages, text, d.outcome.label))
         stats = build_stats(self, decisions, elapsed)
+        stats["lengths"] = lengths.measure(
+            train, self.count_tokens, cutoff_len=self.opts.cutoff_len
+        )
         write_outputs(
             self.opts.out,
             task_name=self.task.name,
@@ -336,6 +342,9 @@ class Runner:
             sharegpt=sharegpt,
             rejects=rejects,
             stats=stats,
+            llamafactory=lengths.llamafactory_yaml(
+                self.task.name, self.opts.out.resolve(), stats["lengths"]
+            ),
         )
         return stats
 
@@ -432,7 +441,12 @@ def run_generate(opts: GenerateOptions) -> dict[str, Any]:
     start = time.monotonic()
     runner = Runner(opts)
     try:
-        send_requests(runner)
+        # a re-run the ledger answers completely needs no teacher (nor its key)
+        decisions = runner.decisions()
+        if any(d.status == "pending" for d in decisions):
+            send_requests(runner)
+        else:  # every answer read back, counted as the sending path counts them
+            runner.progress.reused = sum((d.sample or 0) + 1 for d in decisions)
         return runner.write(time.monotonic() - start)
     finally:
         runner.ledger.close()

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.yamlfile import load_yaml_model
+from distill_common.yamlfile import load_yaml_model
+
+# Request fields generate sets itself; a teacher's extra_body must not change them.
+RESERVED_FIELDS = frozenset(
+    {"model", "messages", "seed", "stream", "stream_options", "temperature", "top_p", "max_tokens"}
+)
 
 
 class TeacherConfigError(ValueError):
@@ -46,6 +53,31 @@ class TeacherSpec(BaseModel):
     rpm: float | None = Field(None, gt=0)
     tpm: float | None = Field(None, gt=0)
     price_per_million: Price | None = None
+    # Provider-specific request fields, sent as they are in the JSON body (through the openai
+    # SDK's extra_body): e.g. DeepSeek's thinking toggle, Bailian's enable_thinking and
+    # thinking_budget, a local vLLM's chat_template_kwargs. Part of the ledger key.
+    extra_body: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    # Stream this endpoint's answers whatever --stream says (models that only stream).
+    stream: bool | None = None
+
+    @field_validator("extra_body")
+    @classmethod
+    def _own_fields_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        clash = sorted(set(v or {}) & RESERVED_FIELDS)
+        if clash:
+            raise ValueError(
+                f"{clash} are set by distill generate itself (model, messages, sampling "
+                f"flags); extra_body may add only other fields"
+            )
+        return v
+
+    def request_options(self) -> dict[str, Any]:
+        """The fields this endpoint adds to every request body."""
+        out = dict(self.extra_body or {})
+        if self.reasoning_effort is not None:
+            out["reasoning_effort"] = self.reasoning_effort
+        return out
 
     def api_key(self) -> str:
         """The key from the named environment variable ("EMPTY" when none is configured)."""
@@ -66,6 +98,10 @@ class TeachersConfig(BaseModel):
 
     teachers: list[TeacherSpec] = Field(min_length=1)
     ledger_model: str | None = None
+    # The request options that identify answers in the ledger. Default: every endpoint's
+    # extra_body and reasoning_effort. Set it (e.g. to {}) to declare endpoints whose options
+    # are spelled differently but mean the same, so they share stored answers.
+    ledger_options: dict[str, Any] | list[dict[str, Any]] | None = None
 
     @model_validator(mode="after")
     def _names(self) -> TeachersConfig:
@@ -83,6 +119,25 @@ class TeachersConfig(BaseModel):
         if self.ledger_model:
             return self.ledger_model
         return "+".join(sorted({t.model for t in self.teachers}))
+
+    @property
+    def key_options(self) -> dict[str, Any] | list[dict[str, Any]] | None:
+        """The request options that go into ledger keys: ``None`` when no endpoint sets any
+        (keys are then exactly what they were before options existed), one endpoint's options,
+        or the sorted list of each distinct set."""
+        if self.ledger_options is not None:
+            return self.ledger_options or None
+        variants = sorted(
+            {
+                json.dumps(t.request_options(), sort_keys=True, ensure_ascii=False)
+                for t in self.teachers
+            }
+        )
+        if variants == ["{}"]:
+            return None
+        if len(variants) == 1:
+            return json.loads(variants[0])
+        return [json.loads(v) for v in variants]  # endpoints differ: every variant ({} = none)
 
 
 def load_teachers(path: str | Path) -> TeachersConfig:

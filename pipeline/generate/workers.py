@@ -112,7 +112,8 @@ def split_teachers(
         cap = _share(concurrency, n, i) if concurrency else None
         if not specs[i] or cap == 0:
             raise ValueError(f"worker {i} would get no request slot: use fewer workers")
-        out.append((TeachersConfig(teachers=specs[i], ledger_model=cfg.key_model), cap))
+        keyed = {"ledger_model": cfg.key_model, "ledger_options": cfg.key_options or {}}
+        out.append((TeachersConfig(teachers=specs[i], **keyed), cap))
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.yamlfile import load_yaml_model
+from distill_common.yamlfile import load_yaml_model
 
 DEFAULT_LEXICON = Path(__file__).with_name("lexicon.yaml")
 CLOSE_CALL = 0.75  # runner-up score / top score at or above which a sampled answer may flip

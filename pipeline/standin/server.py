@@ -15,9 +15,9 @@ from typing import Any
 
 import orjson
 
+from distill_common.think import THINK_CLOSE, THINK_OPEN, format_answer
 from pipeline.standin.faults import FaultPlan, request_key
 from pipeline.standin.persona import Persona, headline_of
-from pipeline.think import THINK_CLOSE, THINK_OPEN, format_answer
 
 FORMATS = ("reasoning_content", "reasoning", "inline", "inline-no-open")
 FINGERPRINT = "fp_standin"

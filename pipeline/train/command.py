@@ -30,7 +30,7 @@ def tiny_model(
     layers: Annotated[int, typer.Option(help="transformer layers")] = 2,
 ) -> None:
     """Build a tiny random-init Qwen2 model + task tokenizer (a CPU stand-in for Qwen2.5-7B)."""
-    from pipeline.task import TaskError, load_task
+    from distill_common.task import TaskError, load_task
     from pipeline.train.tiny import build_tiny_model
 
     try:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.yamlfile import load_yaml_model
+from distill_common.yamlfile import load_yaml_model
 
 
 class ConfigError(ValueError):

@@ -16,8 +16,8 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from pipeline.task import Task
-from pipeline.think import THINK_CLOSE, THINK_OPEN
+from distill_common.task import Task
+from distill_common.think import THINK_CLOSE, THINK_OPEN
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.think import split_think
-from pipeline.yamlfile import load_yaml_model
+from distill_common.think import split_think
+from distill_common.yamlfile import load_yaml_model
 
 
 class TaskError(ValueError):
