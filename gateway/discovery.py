@@ -6,6 +6,11 @@ after a failed connect, and gives the pool one base URL per address (``http://IP
 Replicas come and go without a restart; the pool lets requests already on a removed replica
 finish. A failed lookup keeps the members the pool has; a name that no longer exists (no ready
 pod) empties it.
+
+Wiring (with the pool of branch gw): ``Gateway`` builds ``discovery_for(settings, pool)``,
+the app's lifespan awaits its ``start()`` before serving and ``aclose()`` at shutdown; the pool
+calls ``on_connect_error()`` where it counts a failed connect, accepts an empty member list and
+then picks no upstream (503 upstream_unavailable).
 """
 
 from __future__ import annotations
