@@ -69,3 +69,4 @@ clean: ## remove runs/ and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
 -include mk/containers.mk
+-include mk/k8s.mk

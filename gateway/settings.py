@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from gateway.discovery import DnsTarget
 
 ThinkMode = Literal["separate", "hide", "inline"]
 THINK_MODES: tuple[str, ...] = ("separate", "hide", "inline")
@@ -23,6 +25,16 @@ class Settings(BaseSettings):
     upstreams: CommaList = Field(
         default_factory=lambda: ["http://127.0.0.1:8000/v1"],
         description="Comma-separated OpenAI base URLs of the vLLM servers (…/v1).",
+    )
+    upstreams_dns: str | None = Field(
+        None,
+        description="`host:port` whose addresses are the upstreams, re-resolved (e.g. a "
+        "Kubernetes headless Service `vllm-headless.ns.svc:8000`); instead of UPSTREAMS.",
+    )
+    upstreams_dns_interval: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between lookups of UPSTREAMS_DNS (also after a failed connect).",
     )
     think: ThinkMode = "separate"
     reasoning_field: ReasoningField = "reasoning_content"
@@ -76,6 +88,21 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("upstreams_dns", mode="before")
+    @classmethod
+    def _check_dns(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            DnsTarget.parse(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_upstream_source(self) -> Settings:
+        if self.upstreams_dns and "upstreams" in self.model_fields_set:
+            raise ValueError("set GATEWAY_UPSTREAMS or GATEWAY_UPSTREAMS_DNS, not both")
+        return self
 
     @field_validator("tasks", mode="before")
     @classmethod
