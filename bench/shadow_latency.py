@@ -37,7 +37,10 @@ MESSAGES = [{"role": "user", "content": "新闻分类:国足客场二比一逆�
 
 
 def body(stream: bool) -> bytes:
-    return orjson.dumps({"model": "student", "messages": MESSAGES, "stream": stream})
+    # constrain_answer: false keeps the label constraint's second upstream call (the task is
+    # known, for the shadow) out of every figure: the shadow's own cost is what is compared
+    req = {"model": "student", "messages": MESSAGES, "stream": stream, "constrain_answer": False}
+    return orjson.dumps(req)
 
 
 async def one_in_flight(target: Target, seconds: float, stream: bool) -> list[float]:
