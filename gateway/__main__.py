@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import ipaddress
 import sys
 from typing import Any
 
@@ -69,6 +70,16 @@ def _http_protocol() -> Any:
     return JoinedWrites
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def main() -> None:
     """Read ``GATEWAY_*`` settings and serve (uvloop + httptools, no uvicorn access log)."""
     import uvicorn
@@ -85,6 +96,15 @@ def main() -> None:
     except (ValidationError, KeysFileError) as e:
         print(f"distill-gateway: bad settings: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if not app.state.gateway.auth.enabled and not (
+        settings.allow_anonymous or is_loopback(settings.host)
+    ):
+        print(
+            f"distill-gateway: refusing to listen on {settings.host} without API keys: set "
+            "GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE, or GATEWAY_ALLOW_ANONYMOUS=true",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     # Everything built so far (modules, the app) lives as long as the process: keep the
     # cyclic GC from walking it again and again (a full collection takes tens of ms).
     gc.collect()

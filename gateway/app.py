@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator, KeyState, load_keys
 from gateway.budget import BudgetTable, Plan
+from gateway.discovery import DnsDiscovery, DnsTarget
 from gateway.httpclient import ReadTimeout, UpstreamError
 from gateway.httpclient import Response as UpstreamResponse
 from gateway.metrics import CONTENT_TYPE, KnownModels, Metrics
@@ -63,6 +64,7 @@ class Gateway:
         self.auth = Authenticator(load_keys(settings))
         self.models = KnownModels([*settings.models, *settings.tasks])
         self.tasks = TaskRegistry.load(settings.tasks)
+        self.discovery = self._discovery(settings)
         self.features = Features(
             self.tasks, self.metrics.registry,
             budgets=BudgetTable.load(settings.reasoning_budgets),
@@ -72,6 +74,19 @@ class Gateway:
         self.access = AccessLog(settings.access_log)
         self._ids = itertools.count(1)
         self._id_prefix = f"gw-{os.getpid():x}-{int(time.time()) & 0xFFFFFF:x}-"
+
+    def _discovery(self, settings: Settings) -> DnsDiscovery | None:
+        """``GATEWAY_UPSTREAMS_DNS``: the pool's members follow the name's addresses."""
+        if not settings.upstreams_dns:
+            return None
+        discovery = DnsDiscovery(
+            DnsTarget.parse(settings.upstreams_dns),
+            self.pool.set_members,
+            interval=settings.upstreams_dns_interval,
+            timeout=settings.connect_timeout,
+        )
+        self.pool.on_connect_error = discovery.connect_failed
+        return discovery
 
     def request_id(self, given: str | None) -> str:
         if given and len(given) <= 128 and given.isprintable():
@@ -341,11 +356,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not gw.auth.enabled:
             log.warning("no API keys configured: the gateway accepts every request")
+        if gw.discovery is not None:
+            await gw.discovery.start()
         learn = asyncio.ensure_future(_learn_models(gw))
         await gw.shadow.start()
         yield
         learn.cancel()
         await gw.shadow.stop()
+        if gw.discovery is not None:
+            await gw.discovery.aclose()
         await gw.pool.aclose()
         gw.access.close()
 

@@ -7,10 +7,10 @@ Replicas come and go without a restart; the pool lets requests already on a remo
 finish. A failed lookup keeps the members the pool has; a name that no longer exists (no ready
 pod) empties it.
 
-Wiring (with the pool of branch gw): ``Gateway`` builds ``discovery_for(settings, pool)``,
-the app's lifespan awaits its ``start()`` before serving and ``aclose()`` at shutdown; the pool
-calls ``on_connect_error()`` where it counts a failed connect, accepts an empty member list and
-then picks no upstream (503 upstream_unavailable).
+Wiring (gateway/app.py): ``Gateway`` builds it with the pool's ``set_members`` and hooks its
+``connect_failed()`` to the pool's ``on_connect_error``; the app's lifespan awaits ``start()``
+before serving and ``aclose()`` at shutdown. With no member the pool picks no upstream (503
+upstream_unavailable).
 """
 
 from __future__ import annotations
@@ -22,12 +22,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-
-if TYPE_CHECKING:
-    from gateway.settings import Settings
-    from gateway.upstreams import UpstreamPool
 
 log = logging.getLogger("gateway")
 
@@ -151,18 +146,3 @@ class DnsDiscovery:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-
-
-def discovery_for(settings: Settings, pool: UpstreamPool) -> DnsDiscovery | None:
-    """The discovery ``GATEWAY_UPSTREAMS_DNS`` asks for (None without it), tied to the pool:
-    it sets the pool's members and hears of its failed connects."""
-    if not settings.upstreams_dns:
-        return None
-    discovery = DnsDiscovery(
-        DnsTarget.parse(settings.upstreams_dns),
-        pool.set_members,
-        interval=settings.upstreams_dns_interval,
-        timeout=settings.connect_timeout,
-    )
-    pool.on_connect_error = discovery.connect_failed
-    return discovery

@@ -42,7 +42,10 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         None, description="File with one key a line: `KEY [rpm=N] [concurrency=N]`, # comments."
     )
-    host: str = "0.0.0.0"
+    host: str = Field("127.0.0.1", description="Listen address; beyond loopback it needs keys.")
+    allow_anonymous: bool = Field(
+        False, description="Listen beyond loopback without API keys (a trusted network only)."
+    )
     port: int = Field(8080, ge=1, le=65535)
 
     started_in_think: bool = Field(

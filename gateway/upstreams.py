@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -64,13 +65,39 @@ class UpstreamPool:
     """Picks the upstream with the fewest requests in flight; a failed connect moves on."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.upstreams = [Upstream(url, settings) for url in settings.upstreams]
+        self.settings = settings
+        # with GATEWAY_UPSTREAMS_DNS the members come from discovery (gateway/discovery.py)
+        urls = [] if settings.upstreams_dns else settings.upstreams
+        self.upstreams = [Upstream(url, settings) for url in urls]
         self.metrics = metrics
         self._turn = 0
+        self._retiring: set[asyncio.Task] = set()
+        # told of every failed connect (discovery then looks the name up again soon)
+        self.on_connect_error: Callable[[], None] | None = None
+
+    def set_members(self, urls: list[str]) -> None:
+        """Serve exactly ``urls`` from now on: new ones join, removed ones take no new request
+        and close once the requests they serve have finished."""
+        wanted = [url.rstrip("/") for url in urls]
+        current = {up.base_url: up for up in self.upstreams}
+        self.upstreams = [current.get(url) or Upstream(url, self.settings) for url in wanted]
+        for url, up in current.items():
+            if url not in wanted:
+                task = asyncio.get_running_loop().create_task(self._retire(up))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _retire(up: Upstream, poll_s: float = 0.5) -> None:
+        while up.in_flight > 0:
+            await asyncio.sleep(poll_s)
+        await up.aclose()
 
     def pick(self, tried: list[Upstream]) -> Upstream | None:
         """The next upstream to try: up before down, then fewest in flight, ties rotated."""
         ups = self.upstreams
+        if not ups:
+            return None
         if len(ups) == 1:
             return None if tried else ups[0]
         self._turn = (self._turn + 1) % len(ups)
@@ -129,6 +156,8 @@ class UpstreamPool:
             up.in_flight -= 1
             up.down_until = time.monotonic() + DOWN_FOR_S
             self.metrics.upstream_errors.labels(reason).inc()
+            if self.on_connect_error is not None:
+                self.on_connect_error()
         if timeouts:
             raise GatewayError(
                 504, "connecting to the model servers timed out", code="upstream_timeout"
@@ -168,4 +197,7 @@ class UpstreamPool:
         return list(seen.values())
 
     async def aclose(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         await asyncio.gather(*(up.aclose() for up in self.upstreams))

@@ -580,6 +580,39 @@ def test_cli_serves_from_environment(standins, tmp_path):
     assert bad.returncode == 2 and "think" in bad.stderr
 
 
+def test_refuses_to_listen_beyond_loopback_without_keys(standins, tmp_path):
+    """The image's entry point: 0.0.0.0 without keys is refused in one line, unless the user
+    says so (GATEWAY_ALLOW_ANONYMOUS); on loopback no keys are needed."""
+    port = free_port()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "GATEWAY_UPSTREAMS": standins["inline"].base_url,
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_HOST": "0.0.0.0",
+        "GATEWAY_ACCESS_LOG": "",
+    }
+    refused = subprocess.run(
+        [sys.executable, "-m", "gateway"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "GATEWAY_ALLOW_ANONYMOUS=true" in refused.stderr
+    for allowed in ({"GATEWAY_ALLOW_ANONYMOUS": "true"}, {"GATEWAY_HOST": "127.0.0.1"}):
+        proc = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env={**env, **allowed})
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline and proc.poll() is None, allowed
+                    time.sleep(0.1)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
 def test_schemathesis_finds_no_server_errors(gateway, standin_factory, tmp_path):
     upstream = standin_factory(reasoning_format="inline", model="student")
     gw = gateway(upstreams=upstream.base_url, api_keys="sk-st", access_log="")

@@ -142,15 +142,7 @@ async def test_system_resolver_resolves_localhost():
 
 
 # ---- end to end: real servers on several addresses, the gateway in this process -------------
-# They need the rebuilt pool's UpstreamPool.set_members (branch gw) and the wiring described in
-# gateway/discovery.py's docstring; until both are merged they are skipped, with this reason.
 
-from gateway.upstreams import UpstreamPool  # noqa: E402
-
-needs_pool = pytest.mark.skipif(
-    not hasattr(UpstreamPool, "set_members"),
-    reason="GATEWAY_UPSTREAMS_DNS wiring needs UpstreamPool.set_members from branch gw",
-)
 
 IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 NAME = "vllm-headless.distill.svc"
@@ -261,7 +253,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-@needs_pool
 def test_replicas_join_and_leave_without_a_restart(replicas, dns_gateway):
     a, b, c = IPS
     dns = FakeDNS(a, b)
@@ -280,7 +271,6 @@ def test_replicas_join_and_leave_without_a_restart(replicas, dns_gateway):
     assert after[b] > before[b] and after[c] > 0
 
 
-@needs_pool
 def test_a_request_in_flight_on_a_removed_replica_finishes(replicas, dns_gateway):
     a, b, _ = IPS
     dns = FakeDNS(a)
@@ -306,7 +296,6 @@ def test_a_request_in_flight_on_a_removed_replica_finishes(replicas, dns_gateway
     assert replicas.served()[a] == 1 and replicas.served()[b] == 1
 
 
-@needs_pool
 def test_a_failed_connect_looks_the_name_up_again(replicas, dns_gateway):
     a, b, _ = IPS
     dns = FakeDNS(a, b)
@@ -320,7 +309,6 @@ def test_a_failed_connect_looks_the_name_up_again(replicas, dns_gateway):
     assert dns.lookups > lookups
 
 
-@needs_pool
 def test_no_ready_replica_is_a_clear_503_until_one_returns(replicas, dns_gateway):
     a, _, _ = IPS
     dns = FakeDNS()
