@@ -106,8 +106,12 @@ def body(stream: bool) -> bytes:
     return orjson.dumps(req)
 
 
-async def one_in_flight(target: Target, seconds: float) -> list[float]:
-    raw = target.request(body(False))
+async def one_in_flight(
+    target: Target, seconds: float, payload: bytes | None = None
+) -> list[float]:
+    """Latencies of back-to-back requests on one connection for ``seconds`` (``payload``:
+    the request body; default the non-streamed chat request)."""
+    raw = target.request(payload or body(False))
     conn = await Conn(target.port).open()
     latencies = []
     perf = time.perf_counter

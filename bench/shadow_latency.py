@@ -24,14 +24,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway_overhead import ROOT, Conn, Target, free_port, pct, start, wait_up
+from gateway_overhead import ROOT, Target, free_port, one_in_flight, pct, start, wait_up
 
 MESSAGES = [{"role": "user", "content": "新闻分类:国足客场二比一逆转取胜"}]
 
@@ -43,32 +42,15 @@ def body(stream: bool) -> bytes:
     return orjson.dumps(req)
 
 
-async def one_in_flight(target: Target, seconds: float, stream: bool) -> list[float]:
-    raw = target.request(body(stream))
-    conn = await Conn(target.port).open()
-    out = []
-    perf = time.perf_counter
-    end = perf() + seconds
-    try:
-        while perf() < end:
-            t = perf()
-            status, _ = await conn.send(raw)
-            out.append(perf() - t)
-            assert status == 200, f"{target.name} answered {status}"
-    finally:
-        conn.close()
-    return out
-
-
 async def run(targets: list[Target], rounds: int, seconds: float) -> dict[str, dict[str, list]]:
     res = {t.name: {"plain": [], "stream": [], "round_p50": []} for t in targets}
     for t in targets:  # warm-up
-        await one_in_flight(t, 0.5, False)
-        await one_in_flight(t, 0.5, True)
+        await one_in_flight(t, 0.5, body(False))
+        await one_in_flight(t, 0.5, body(True))
     for r in range(rounds):
         for kind in ("plain", "stream"):
             for t in targets:
-                lat = await one_in_flight(t, seconds, kind == "stream")
+                lat = await one_in_flight(t, seconds, body(kind == "stream"))
                 res[t.name][kind] += lat
                 if kind == "plain":
                     res[t.name]["round_p50"].append(pct(lat, 0.5))

@@ -543,6 +543,18 @@ def test_promtool_accepts_the_scrape(gateway, standins):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Until the gateway started as ``proc`` answers ``/health`` on ``port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+
+
 def test_cli_serves_from_environment(standins, tmp_path):
     upstream = standins["inline"]
     port = free_port()
@@ -559,14 +571,7 @@ def test_cli_serves_from_environment(standins, tmp_path):
         [sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stderr=subprocess.PIPE
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.1)
+        wait_healthy(port, proc)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-cli")
         message = client.chat.completions.create(model=upstream.model, messages=QUESTION)
         assert reasoning_of(message.choices[0].message) is None
@@ -600,14 +605,7 @@ def test_refuses_to_listen_beyond_loopback_without_keys(standins, tmp_path):
     for allowed in ({"GATEWAY_ALLOW_ANONYMOUS": "true"}, {"GATEWAY_HOST": "127.0.0.1"}):
         proc = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env={**env, **allowed})
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline and proc.poll() is None, allowed
-                    time.sleep(0.1)
+            wait_healthy(port, proc)
         finally:
             proc.terminate()
             proc.wait(timeout=10)
