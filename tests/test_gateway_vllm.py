@@ -164,7 +164,7 @@ class Generation:
         _wait_for(server, RUNNING, lambda running: running == 0, timeout=30)
         self.tokens = _settled(server, GENERATED)
 
-    def aborted(self, gw) -> None:
+    def aborted(self, gw, after: int = 0) -> None:
         """vLLM stopped soon after the hang-up, short of the tokens asked for (``ignore_eos``
         and ``min_tokens`` make a generation left alone produce every one), and the gateway
         logged the request as 499. How far it got depends on the machine's load, so only
@@ -174,9 +174,9 @@ class Generation:
         spent = _settled(server, GENERATED) - self.tokens
         assert spent < ASKED, f"vLLM generated {spent} of {ASKED} tokens: nothing was aborted"
         deadline = time.monotonic() + 5
-        while not (rows := gw.log_rows()) and time.monotonic() < deadline:
+        while len(rows := gw.log_rows()) <= after and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert rows and rows[-1]["status"] == 499, rows
+        assert len(rows) > after and rows[-1]["status"] == 499, rows[after:]
         assert rows[-1]["error"] == "client_disconnected"
 
 
