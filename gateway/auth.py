@@ -5,8 +5,13 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from starlette.datastructures import Headers
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.protocol import GatewayError
 from gateway.settings import Settings
@@ -121,3 +126,31 @@ class Authenticator:
         if state is None:
             raise GatewayError(401, "invalid API key", code="invalid_api_key")
         return state
+
+
+class RequireKey:
+    """ASGI middleware: every ``/v1`` request needs a valid key (else 401, reported to
+    ``rejected`` with the seconds it took); the key's state goes to ``scope["state"]["key"]``."""
+
+    def __init__(
+        self, app: ASGIApp, auth: Authenticator, rejected: Callable[[GatewayError, float], None]
+    ) -> None:
+        self.app = app
+        self.auth = auth
+        self.rejected = rejected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            t0 = time.perf_counter()
+            authorization = Headers(scope=scope).get("authorization")
+            try:
+                key = self.auth.check(authorization)
+            except GatewayError as err:
+                response = Response(
+                    err.body(), status_code=err.status, media_type="application/json"
+                )
+                await response(scope, receive, send)
+                self.rejected(err, time.perf_counter() - t0)
+                return
+            scope.setdefault("state", {})["key"] = key
+        await self.app(scope, receive, send)

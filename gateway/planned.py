@@ -10,6 +10,7 @@ the app's own upstream calls: :func:`complete_planned` for whole responses,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -164,53 +165,39 @@ def sse_data(buf: bytes) -> tuple[list[bytes], bytes]:
     return out, rest
 
 
-class _NoUpstream:
-    """What the relay decrements when it is done; the phases count their own upstreams."""
-
-    in_flight = 0
-
-
 class PlannedStream:
     """A planned stream, read by the app's relay like one upstream response.
 
-    ``open_ok(body) -> (upstream, response)`` opens one upstream stream (raising on a
-    non-200). :meth:`opened` opens the first phase, so errors before the first byte are plain
-    HTTP errors. ``close()`` closes the phase in progress, which makes vLLM abort it.
+    ``open_ok(body) -> lease`` opens one upstream stream (raising on a non-200); the leases
+    belong to the app's call, which ends them all when the request ends. :meth:`opened`
+    opens the first phase, so errors before the first byte are plain HTTP errors.
     """
 
     def __init__(
         self, plan: Plan, payload: bytes, open_ok: Call, done: Callable[[Report], None]
     ) -> None:
-        self.upstream = _NoUpstream()
         self._open_ok = open_ok
         self._done = done
-        self._current: tuple[Any, Any] | None = None
         self._finished = False
         self._first: dict[str, Any] | None = None
         self._events = run_stream(plan, orjson.loads(payload), self._phase, self._report)
 
-    async def opened(self) -> tuple[_NoUpstream, PlannedStream]:
-        """Open the first phase; return what the relay takes: (upstream, response)."""
-        try:
+    async def opened(self) -> PlannedStream:
+        """Open the first phase; return what the relay reads."""
+        with contextlib.suppress(StopAsyncIteration):
             self._first = await self._events.__anext__()
-        except StopAsyncIteration:
-            pass
-        except BaseException:
-            self.close()
-            raise
-        return self.upstream, self
+        return self
 
     def _report(self, report: Report) -> None:
         self._finished = True
         self._done(report)
 
     async def _phase(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        up, response = await self._open_ok(orjson.dumps(body))
-        self._current = (up, response)
+        lease = await self._open_ok(orjson.dumps(body))
         ended = False
         buf = b""
         try:
-            async for piece in response.chunks():
+            async for piece in lease.chunks():
                 payloads, buf = sse_data(buf + piece)
                 for payload in payloads:
                     if payload == b"[DONE]":
@@ -228,16 +215,7 @@ class PlannedStream:
             if not ended:
                 raise GatewayError(502, "the model server ended the stream early", reason="closed")
         finally:
-            self._end_phase(up, response)
-
-    def _end_phase(self, up: Any, response: Any) -> None:
-        if self._current is not None and self._current[1] is response:
-            self._current = None
-            if response.complete:
-                response.release()
-            else:
-                response.close()
-            up.in_flight -= 1
+            lease.end()  # a phase cut short closes its connection: vLLM aborts it
 
     async def chunks(self) -> AsyncIterator[bytes]:
         if self._first is not None:
@@ -247,14 +225,3 @@ class PlannedStream:
             yield b"data: " + orjson.dumps(event) + b"\n\n"
         if self._finished:
             yield b"data: [DONE]\n\n"
-
-    @property
-    def complete(self) -> bool:
-        return self._finished and self._current is None
-
-    def release(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._current is not None:
-            self._end_phase(*self._current)

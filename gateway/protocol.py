@@ -144,3 +144,34 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (504, "Upstream timed out"),
     ]
 }
+
+
+def chat_operation() -> dict[str, Any]:
+    """The OpenAPI operation of ``POST /v1/chat/completions`` (served by a plain ASGI
+    endpoint, which FastAPI does not describe by itself)."""
+    error = {"application/json": {"schema": inline_schema(ErrorResponse)}}
+    responses: dict[str, Any] = {
+        "200": {"description": "A chat completion, or an SSE stream of chunks"}
+    }
+    for code, spec in ERROR_RESPONSES.items():
+        responses[str(code)] = {"description": spec["description"], "content": error}
+    return {
+        "tags": ["openai"],
+        "summary": "Chat Completions",
+        "description": "OpenAI chat completions, streaming or not; the reasoning shown as the "
+        "think mode says.",
+        "operationId": "chat_completions",
+        "parameters": [
+            {
+                "name": "X-Think",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "enum": ["separate", "hide", "inline"]},
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": inline_schema(ChatCompletionRequest)}},
+        },
+        "responses": responses,
+    }

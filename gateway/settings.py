@@ -74,6 +74,21 @@ class Settings(BaseSettings):
     rate_limit_rpm: int | None = Field(None, ge=1, description="Requests per minute per key.")
     max_concurrent_per_key: int | None = Field(None, ge=1)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(
+        2048, ge=1, description="Most `messages` in one request (bounds the work per request)."
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client connection may take to send a request's head (slowloris); "
+        "also how long an idle keep-alive connection is kept.",
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="Client connections held at once; more are closed at accept."
+    )
+    upstream_max_connections: int = Field(
+        1024, ge=1, description="Connections to each upstream at once (requests beyond wait)."
+    )
 
     connect_timeout: float = Field(5.0, gt=0)
     first_byte_timeout: float = Field(

@@ -1,10 +1,5 @@
-"""The vLLM servers behind the gateway: least-in-flight choice, retries before the first byte.
-
-The upstream client is :mod:`gateway.httpclient` (asyncio + httptools, one keep-alive pool
-per upstream): on this project's 2-core benchmark machine a round trip to a stub costs
-~0.08 ms with it, ~0.21 ms with aiohttp and ~0.7 ms with httpx, against a gateway overhead
-budget of 0.3 ms.
-"""
+"""The vLLM servers behind the gateway: least-in-flight choice, failover before the request
+reaches one, and the :class:`Lease` a request holds on the upstream it got."""
 
 from __future__ import annotations
 
@@ -15,28 +10,23 @@ from typing import Any
 
 import orjson
 
-from gateway.httpclient import (
-    ConnectError,
-    ConnectTimeout,
-    Disconnected,
-    Pool,
-    ReadTimeout,
-    Response,
-    UpstreamError,
-)
 from gateway.metrics import Metrics
 from gateway.protocol import GatewayError
 from gateway.settings import Settings
+from gateway.transport import (
+    ConnectError,
+    ConnectTimeout,
+    Disconnected,
+    ReadTimeout,
+    Response,
+    Transport,
+)
 
 DOWN_FOR_S = 1.0  # after a failed connect, try the others first for this long
-# Idle pooled connections are dropped before the server drops them (uvicorn, and so vLLM,
-# closes idle keep-alive connections after 5 s).
-KEEPALIVE_S = 4.0
-JSON = "application/json"
 
 
 class Upstream:
-    """One OpenAI-compatible server and its keep-alive connection pool."""
+    """One OpenAI-compatible server: its transport and the requests it serves now."""
 
     def __init__(self, base_url: str, settings: Settings) -> None:
         self.base_url = base_url
@@ -44,21 +34,64 @@ class Upstream:
         self.down_until = 0.0
         headers = {}
         if settings.upstream_api_key is not None:
-            secret = settings.upstream_api_key.get_secret_value()
-            headers["authorization"] = "Bearer " + secret
-        self.pool = Pool(
+            headers["authorization"] = "Bearer " + settings.upstream_api_key.get_secret_value()
+        self.transport = Transport(
             base_url,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.first_byte_timeout,
-            keepalive_s=KEEPALIVE_S,
+            max_connections=settings.upstream_max_connections,
             headers=headers,
         )
 
     async def aclose(self) -> None:
-        self.pool.close()
+        await self.transport.aclose()
 
     def __repr__(self) -> str:
         return f"Upstream({self.base_url}, in_flight={self.in_flight})"
+
+
+class Lease:
+    """A request's hold on one upstream, counted in its ``in_flight`` from the moment it is
+    chosen until :meth:`end` (which is idempotent: a lease cannot be released twice)."""
+
+    __slots__ = ("_ended", "response", "upstream")
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.response: Response | None = None
+        self._ended = False
+        upstream.in_flight += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.response is not None and self.response.complete
+
+    def chunks(self) -> Any:
+        assert self.response is not None
+        return self.response.chunks()
+
+    async def read(self) -> bytes:
+        """The whole body; the lease ends either way (an unfinished read aborts)."""
+        assert self.response is not None
+        try:
+            return await self.response.read()
+        except ReadTimeout:
+            raise GatewayError(
+                504, "the model server sent no response in time", reason="first_byte_timeout"
+            ) from None
+        except Disconnected:
+            raise GatewayError(
+                502, "the model server closed the connection", reason="closed"
+            ) from None
+        finally:
+            self.end()
+
+    def end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.upstream.in_flight -= 1
+            if self.response is not None:
+                self.response.end()
 
 
 class UpstreamPool:
@@ -113,66 +146,60 @@ class UpstreamPool:
                 best, best_key = up, key
         return best
 
-    async def open(self, body: bytes) -> tuple[Upstream, Response]:
-        """Send a chat request; return the upstream and its response, headers read, body not.
+    async def open(self, body: bytes) -> Lease:
+        """Send a chat request; return the lease on the upstream that answered (head read).
 
-        The caller owns the result: it must ``close()``/``release()`` the response and
-        decrement ``upstream.in_flight``. Connect failures are retried on the next upstream;
-        nothing is retried once the upstream has answered.
+        A failed connect is tried on the next upstream. Once the request has reached an
+        upstream nothing is re-sent: a close before the answer is 502, silence is 504.
         """
         timeouts = 0
         tried: list[Upstream] = []
-        stale_retry = True
         while (up := self.pick(tried)) is not None:
             tried.append(up)
-            up.in_flight += 1
+            lease = Lease(up)
             try:
-                response = await up.pool.request("POST", "/chat/completions", body, JSON)
-                return up, response
-            except ConnectTimeout:
-                reason = "connect_timeout"
-                timeouts += 1
-            except ConnectError:
-                reason = "connect"
-            except Disconnected as e:
-                up.in_flight -= 1
-                if e.reused and stale_retry:  # a pooled connection the server had closed
-                    stale_retry = False  # once more, on a fresh connection
-                    tried.remove(up)
-                    continue
-                up.in_flight += 1
-                reason = "connect"
+                lease.response = await up.transport.request("POST", "/chat/completions", body)
+                return lease
+            except ConnectError as e:
+                lease.end()
+                timeouts += isinstance(e, ConnectTimeout)
+                self._connect_failed(
+                    up, "connect_timeout" if isinstance(e, ConnectTimeout) else "connect"
+                )
             except ReadTimeout:
-                up.in_flight -= 1
+                lease.end()
                 self.metrics.upstream_errors.labels("first_byte_timeout").inc()
                 raise GatewayError(
                     504, "the model server sent no response in time", code="upstream_timeout"
                 ) from None
-            except UpstreamError:
-                reason = "closed"
+            except Disconnected:
+                lease.end()
+                self.metrics.upstream_errors.labels("closed").inc()
+                raise GatewayError(
+                    502, "the model server closed the connection without answering",
+                    code="upstream_closed",
+                ) from None  # fmt: skip
             except BaseException:
-                up.in_flight -= 1
+                lease.end()
                 raise
-            up.in_flight -= 1
-            up.down_until = time.monotonic() + DOWN_FOR_S
-            self.metrics.upstream_errors.labels(reason).inc()
-            if self.on_connect_error is not None:
-                self.on_connect_error()
         if timeouts:
             raise GatewayError(
                 504, "connecting to the model servers timed out", code="upstream_timeout"
             )
         raise GatewayError(503, "no model server is reachable", code="upstream_unavailable")
 
+    def _connect_failed(self, up: Upstream, reason: str) -> None:
+        up.down_until = time.monotonic() + DOWN_FOR_S
+        self.metrics.upstream_errors.labels(reason).inc()
+        if self.on_connect_error is not None:
+            self.on_connect_error()
+
     async def _get_json(self, up: Upstream, path: str, timeout: float) -> Any:
-        async with asyncio.timeout(timeout):
-            response = await up.pool.request("GET", path)
-            try:
-                raw = await response.read()
-            except BaseException:
-                response.close()
-                raise
-            response.release()
+        response = await up.transport.request("GET", path, timeout=timeout)
+        try:
+            raw = await response.read()
+        finally:
+            response.end()
         if response.status != 200:
             raise GatewayError(502, f"{path} answered {response.status}")
         return orjson.loads(raw)

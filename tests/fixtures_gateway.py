@@ -1,5 +1,5 @@
-"""Gateway fixtures: the gateway served by uvicorn on a free port (real HTTP, in a thread),
-and stand-in upstreams that live for a whole test module.
+"""Gateway fixtures: the gateway in the server the image runs, on a free port (real HTTP, in
+a thread), and stand-in upstreams that live for a whole test module.
 
 Usage::
 
@@ -56,20 +56,17 @@ class GatewayServer:
 
 
 def start_gateway(tmp_dir: Path, **overrides: object) -> GatewayServer:
-    """Start ``create_app(Settings(**overrides))`` under uvicorn on a free port."""
-    import uvicorn
-
+    """Start ``create_app(Settings(**overrides))`` on a free port, in the server
+    ``distill-gateway`` runs (:func:`gateway.server.build_server`)."""
     from gateway.app import create_app
+    from gateway.server import build_server
     from gateway.settings import Settings
 
     port = free_port()
     log = tmp_dir / f"gateway-{port}.jsonl"
     settings = Settings(**{"access_log": str(log), "host": "127.0.0.1", "port": port, **overrides})
     app = create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", loop="uvloop", http="httptools"
-    )
-    server = uvicorn.Server(config)
+    server = build_server(settings, app)
     thread = threading.Thread(target=server.run, daemon=True, name=f"gateway-{port}")
     thread.start()
     root = f"http://127.0.0.1:{port}"

@@ -209,9 +209,8 @@ def replicas(tmp_path: Path) -> Iterator[Replicas]:
 def dns_gateway(tmp_path: Path) -> Iterator[Callable[..., tuple[str, object]]]:
     """Factory: the gateway on GATEWAY_UPSTREAMS_DNS with the test's resolver; returns its
     base URL and its discovery."""
-    import uvicorn
-
     from gateway.app import create_app
+    from gateway.server import build_server
     from gateway.settings import Settings
 
     servers = []
@@ -225,7 +224,7 @@ def dns_gateway(tmp_path: Path) -> Iterator[Callable[..., tuple[str, object]]]:
         app = create_app(settings)
         discovery = app.state.gateway.discovery
         discovery.resolver = dns.resolve
-        server = uvicorn.Server(uvicorn.Config(app, port=gw_port, log_level="warning"))
+        server = build_server(settings, app)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         servers.append((server, thread))
