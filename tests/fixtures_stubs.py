@@ -234,7 +234,9 @@ class StubServer:
         if isinstance(body, dict) and body.get("stream"):
             writer.write(_response(200, sse_events(str(model)), "text/event-stream"))
         else:
-            writer.write(_response(200, json.dumps(completion(str(model))).encode(), "application/json"))
+            writer.write(
+                _response(200, json.dumps(completion(str(model))).encode(), "application/json")
+            )
         await writer.drain()
         return True
 
