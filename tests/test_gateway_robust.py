@@ -341,6 +341,9 @@ def test_upstream_error_messages_are_not_logged(gateway, stub_factory, stream):
 def test_models_the_upstream_does_not_list_are_labelled_other(gateway, stub_factory):
     stub = stub_factory("ok", models=("stub-model",))
     gw = gateway(upstreams=stub.base_url, models="configured-model")
+    eventually(lambda: _assert_ok(httpx.get(gw.root_url + "/ready", timeout=2)))
+    listed = httpx.get(gw.base_url + "/models", timeout=5).json()["data"]
+    assert [m["id"] for m in listed] == ["stub-model"]
     assert chat(gw, "stub-model").status_code == 200
     assert chat(gw, "configured-model").status_code == 200
     for i in range(4):
@@ -380,6 +383,15 @@ def test_idle_upstream_connections_expire_after_a_burst(gateway, stub_factory):
     assert stub.open_connections <= 4, f"{stub.open_connections} idle connections kept open"
     r = chat(gw, "stub-model", stream=True)
     assert r.status_code == 200 and "data: [DONE]" in r.text
+
+
+def test_upstream_connections_are_capped_per_upstream(gateway, stub_factory):
+    stub = stub_factory("ok", delay=0.3)
+    gw = gateway(upstreams=stub.base_url, upstream_max_connections=5)
+    results = asyncio.run(_streams(gw.base_url + "/chat/completions", "stub-model", 20, 14))
+    assert all(status == 200 and "data: [DONE]" in text for status, text in results)
+    assert len(stub.chat_requests) == 20
+    assert stub.peak_connections <= 5, stub.peak_connections
 
 
 # ---- 9. load smoke ---------------------------------------------------------------------------
