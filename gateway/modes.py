@@ -273,7 +273,7 @@ class StreamShaper:
                 kept.append(choice)
         usage = chunk.get("usage")
         if usage:
-            self._usage(usage)
+            self._usage(usage, final=not choices)
             changed = True
             if not self.client_wants_usage:
                 if not kept:
@@ -287,12 +287,14 @@ class StreamShaper:
             chunk["choices"] = kept
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    def _usage(self, usage: Any) -> None:
+    def _usage(self, usage: Any, *, final: bool) -> None:
+        """Count the tokens at the stream's usage: the usage-only chunk that ends it, or
+        usage sent with the last choice's finish."""
         if not isinstance(usage, dict):
             return
         states = self.choices.values()
-        if not all(state.finished for state in states):
-            # Mid-stream usage (vLLM's continuous_usage_stats): the totals so far, not split.
+        if not final and not all(state.finished for state in states):
+            # Mid-stream usage (vLLM's continuous_usage_stats): totals so far, not split.
             self.outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
             return
