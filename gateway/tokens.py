@@ -12,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 from pydantic import AfterValidator, BeforeValidator
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -58,15 +61,15 @@ class ExactCounter:
 
     exact = True
 
-    def __init__(self, tokenizer: object) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
 
     def split(self, completion_tokens: int, choices: Sequence[tuple[str, str]]) -> tuple[int, int]:
-        answers = [answer for _, answer in choices if answer]
-        answer_tokens = 0
-        if answers:
-            encoded = self.tokenizer.encode_batch(answers, add_special_tokens=False)  # type: ignore[attr-defined]
-            answer_tokens = sum(len(e.ids) for e in encoded)
+        # encode, not encode_batch: no rayon thread pool in the server process (forks stay safe)
+        encode = self.tokenizer.encode
+        answer_tokens = sum(
+            len(encode(answer, add_special_tokens=False).ids) for _, answer in choices if answer
+        )
         return max(completion_tokens - answer_tokens, 0), answer_tokens
 
 
@@ -85,7 +88,7 @@ def tokenizer_file(path: Path) -> Path:
 
 
 @lru_cache(maxsize=4)  # settings validation loads it, then the app: parse the file once
-def load_tokenizer(path: Path) -> object:
+def load_tokenizer(path: Path) -> Tokenizer:
     """The ``tokenizers.Tokenizer`` in ``path``, or a :class:`TokenizerError` saying why not."""
     from tokenizers import Tokenizer  # only when configured: the gateway starts faster without
 
