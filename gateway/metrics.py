@@ -74,8 +74,14 @@ class Metrics:
         )
         self.tokens = Counter(
             p + "tokens",
-            "Tokens by kind: prompt, reasoning, answer.",
+            "Tokens by kind: prompt, reasoning, answer. Reasoning and answer are exact only "
+            "with GATEWAY_TOKENIZER (gateway_token_counts_exact 1), otherwise estimated.",
             ["kind"],
+            registry=registry,
+        )
+        self.token_counts_exact = Gauge(
+            p + "token_counts_exact",
+            "1 when reasoning/answer token counts are exact (GATEWAY_TOKENIZER loaded), else 0.",
             registry=registry,
         )
         self.in_flight = Gauge(
@@ -122,6 +128,10 @@ class Metrics:
                 self.duration.labels(model, stream),
             )
         return children
+
+    def set_token_counts_exact(self, exact: bool) -> None:
+        """Say whether the reasoning/answer token counts are exact (a tokenizer is loaded)."""
+        self.token_counts_exact.set(1 if exact else 0)
 
     def scrape(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,7 @@ request and response bodies, whole or streamed.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +22,9 @@ from distill_common.think import (
 )
 from gateway.protocol import ChatCompletionRequest, GatewayError
 from gateway.settings import THINK_MODES
+from gateway.tokens import ESTIMATE, TokenCounter
 
 UPSTREAM_REASONING = ("reasoning_content", "reasoning")
-_SLOW = object()  # a fast path declined: take the general one
-_CONTENT_KEY = b'"delta":{"content":'
-_CONTENT_LEN = len(_CONTENT_KEY)
-_BRACE = ord("}")
-_ENVELOPE_TRIES = 8  # chunks looked at for a plain content chunk before giving up
 GATEWAY_ONLY = ("include_reasoning", "reasoning")
 
 
@@ -114,14 +111,6 @@ def _pop_upstream_reasoning(target: dict[str, Any]) -> tuple[bool, str | None]:
     return found, text
 
 
-def _add_reasoning_tokens(usage: dict[str, Any], reasoning_tokens: int) -> None:
-    details = usage.get("completion_tokens_details")
-    details = dict(details) if isinstance(details, dict) else {}
-    if details.get("reasoning_tokens") is None:
-        details["reasoning_tokens"] = reasoning_tokens
-    usage["completion_tokens_details"] = details
-
-
 @dataclass
 class Outcome:
     """What the metrics and the access log need to know about one response."""
@@ -129,97 +118,108 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    answer_tokens: int = 0
     anomalies: list[str] = field(default_factory=list)
     first_reasoning: float | None = None
     first_answer: float | None = None
 
-    @property
-    def answer_tokens(self) -> int:
-        return max(self.completion_tokens - self.reasoning_tokens, 0)
 
-
-def _read_usage(outcome: Outcome, usage: Any) -> None:
-    if isinstance(usage, dict):
-        outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
+def _count_tokens(
+    outcome: Outcome,
+    usage: dict[str, Any],
+    counter: TokenCounter,
+    texts: Sequence[tuple[str, str]],
+) -> None:
+    """Read the upstream's usage into ``outcome`` and fill its ``reasoning_tokens``: the
+    upstream's own figure if it sent one, else the counter's split of ``completion_tokens``."""
+    outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    completion = outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
+    details = usage.get("completion_tokens_details")
+    given = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    if given is not None:
+        outcome.reasoning_tokens = int(given)
+        outcome.answer_tokens = max(completion - outcome.reasoning_tokens, 0)
+        return
+    outcome.reasoning_tokens, outcome.answer_tokens = counter.split(completion, texts)
+    details = dict(details) if isinstance(details, dict) else {}
+    details["reasoning_tokens"] = outcome.reasoning_tokens
+    usage["completion_tokens_details"] = details
 
 
 def shape_completion(
-    data: dict[str, Any], mode: str, field_mode: str, started_in_think: bool
+    data: dict[str, Any],
+    mode: str,
+    field_mode: str,
+    started_in_think: bool,
+    counter: TokenCounter = ESTIMATE,
 ) -> Outcome:
     """Rewrite a whole (non-streamed) completion in place for ``mode``.
 
-    The reasoning token count is estimated from the character share of the reasoning in the
-    completion (vLLM reports only the total); an upstream figure, if any, wins.
+    No reasoning is ``null`` in the reasoning field(s) (never ``""``); an empty answer is
+    ``""``. Reasoning/answer tokens come from ``counter`` (see :mod:`gateway.tokens`); an
+    upstream ``reasoning_tokens`` wins.
     """
     outcome = Outcome()
-    reasoning_chars = total_chars = 0
+    texts: list[tuple[str, str]] = []
     for choice in data.get("choices") or []:
         message = choice.get("message")
         if not isinstance(message, dict):
             continue
-        content = message.get("content") or ""
+        raw = message.get("content")
+        content = raw or ""
         split_upstream, upstream_reasoning = _pop_upstream_reasoning(message)
         if split_upstream:  # never parse twice
-            reasoning, answer = upstream_reasoning, content
+            reasoning, answer = upstream_reasoning or "", content
             inline = join_reasoning(reasoning, content)
         else:
             parts = split_think(content, started_in_think=started_in_think)
-            reasoning, answer, inline = parts.reasoning, parts.answer, content
+            reasoning, answer, inline = parts.reasoning or "", parts.answer, content
             outcome.anomalies += parts.anomalies
-        reasoning_chars += len(reasoning or "")
-        total_chars += len(reasoning or "") + len(answer)
+        texts.append((reasoning, answer))
         if mode == "inline":
             message["content"] = inline
         else:
-            message["content"] = answer
+            # null only beside tool calls, as the upstream sent it
+            tool_null = raw is None and not answer and "tool_calls" in message
+            message["content"] = None if tool_null else answer
             if mode == "separate":
-                _set_reasoning(message, field_mode, reasoning)
+                _set_reasoning(message, field_mode, reasoning or None)
     usage = data.get("usage")
-    _read_usage(outcome, usage)
-    if total_chars:
-        outcome.reasoning_tokens = round(outcome.completion_tokens * reasoning_chars / total_chars)
     if isinstance(usage, dict):
-        _add_reasoning_tokens(usage, outcome.reasoning_tokens)
-        details = usage["completion_tokens_details"]
-        outcome.reasoning_tokens = int(details.get("reasoning_tokens") or 0)
+        _count_tokens(outcome, usage, counter, texts)
     return outcome
-
-
-class _Envelope:
-    """The bytes around the delta of a stream's plain content chunks: ``head`` +
-    ``"delta":{...}`` + ``tail``, checked once by parsing (see ``_learn_envelope``)."""
-
-    __slots__ = ("head", "head_len", "index", "prefix", "suffix", "tail", "tail_len")
-
-    def __init__(self, head: bytes, tail: bytes, index: int) -> None:
-        self.head = head
-        self.tail = tail
-        self.index = index
-        self.head_len = len(head)
-        self.tail_len = len(tail) + 1  # with the delta's closing brace
-        self.prefix = b"data: " + head + b'"delta":'
-        self.suffix = tail + b"\n\n"
 
 
 class _ChoiceStream:
     """Per-choice streaming state (``n > 1`` choices each get their own)."""
 
-    __slots__ = ("closed_inline", "opened_inline", "reasoning_chunks", "splitter", "upstream_split")
+    __slots__ = (
+        "answer",
+        "closed_inline",
+        "finished",
+        "opened_inline",
+        "reasoning",
+        "splitter",
+        "upstream_split",
+    )
 
     def __init__(self, started_in_think: bool) -> None:
         self.splitter = ThinkStreamSplitter(started_in_think=started_in_think)
         self.upstream_split = False
-        self.reasoning_chunks = 0
         self.opened_inline = False
         self.closed_inline = False
+        self.finished = False
+        # The text seen, for the token counts at the end (joined once, then).
+        self.reasoning: list[str] = []
+        self.answer: list[str] = []
 
 
 class StreamShaper:
     """Rewrites upstream SSE events for ``mode``; call :meth:`event` per ``data:`` payload.
 
-    Reasoning tokens are counted as the upstream chunks that carried reasoning (vLLM sends
-    one chunk per token), capped by the completion tokens the upstream reports.
+    No reasoning means no reasoning delta at all (never ``""``); the role delta keeps its
+    ``content`` (see :meth:`_shape_choice`). The usage chunk gets ``reasoning_tokens``
+    from ``counter`` over the whole texts, as :func:`shape_completion` computes it.
     """
 
     def __init__(
@@ -230,19 +230,17 @@ class StreamShaper:
         *,
         client_wants_usage: bool,
         t0: float,
+        counter: TokenCounter = ESTIMATE,
     ) -> None:
         self.mode = mode
         self.field_mode = field_mode
         self.started_in_think = started_in_think
         self.client_wants_usage = client_wants_usage
         self.t0 = t0
+        self.counter = counter
         self.choices: dict[int, _ChoiceStream] = {}
         self.outcome = Outcome()
         self.finished = False
-        # The envelope of this stream's plain content chunks, learned from the first one:
-        # see :meth:`_fast_event`.
-        self._envelope: _Envelope | None = None
-        self._envelope_tries = 0
 
     def _choice(self, index: int) -> _ChoiceStream:
         state = self.choices.get(index)
@@ -252,11 +250,6 @@ class StreamShaper:
 
     def event(self, payload: bytes) -> bytes | None:
         """One upstream ``data:`` payload in, the SSE bytes to send out (or None)."""
-        envelope = self._envelope
-        if envelope is not None and payload.startswith(envelope.head):
-            out = self._fast_event(payload, envelope)
-            if out is not _SLOW:
-                return out
         if payload == b"[DONE]":
             self.finished = True
             return None
@@ -268,123 +261,45 @@ class StreamShaper:
             ) from None
         if not isinstance(chunk, dict):
             return None
-        if self._envelope is None and self._envelope_tries < _ENVELOPE_TRIES:
-            self._learn_envelope(payload, chunk)
         if "error" in chunk or chunk.get("object") == "error":
             return b"data: " + orjson.dumps(_error_event(chunk)) + b"\n\n"
         changed = False
+        choices = chunk.get("choices") or ()
         kept = []
-        for choice in chunk.get("choices") or ():
+        for choice in choices:
             keep, touched = self._shape_choice(choice)
             changed |= touched or not keep
             if keep:
                 kept.append(choice)
         usage = chunk.get("usage")
         if usage:
-            self._usage(usage)
+            self._usage(usage, final=not choices)
             changed = True
             if not self.client_wants_usage:
                 if not kept:
                     return None
                 del chunk["usage"]
-                changed = True
         elif not kept:
             return None
         if not changed:
             return b"data: " + payload + b"\n\n"
-        chunk["choices"] = kept
+        if len(kept) != len(choices):
+            chunk["choices"] = kept
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    def _fast_event(self, payload: bytes, envelope: _Envelope) -> Any:
-        """A plain content chunk in the learned envelope, shaped without parsing or
-        re-serialising the envelope (``_SLOW`` when the chunk is anything else)."""
-        if not payload.endswith(envelope.tail):
-            return _SLOW
-        end = len(payload) - envelope.tail_len
-        if payload[end] != _BRACE or not payload.startswith(_CONTENT_KEY, envelope.head_len):
-            return _SLOW
-        try:
-            content = orjson.loads(payload[envelope.head_len + _CONTENT_LEN : end])
-        except orjson.JSONDecodeError:
-            return _SLOW
-        if type(content) is not str:
-            return _SLOW
-        state = self.choices.get(envelope.index)
-        if state is None or state.upstream_split:
-            return _SLOW
-        # What _shape_choice does for a delta of only text, no finish_reason.
-        reasoning = answer = ""
-        if content:
-            splitter = state.splitter
-            was_closed = splitter.closed
-            reasoning, answer = splitter.feed(content)
-            if not was_closed:
-                state.reasoning_chunks += 1
-        outcome = self.outcome
-        if reasoning and outcome.first_reasoning is None:
-            outcome.first_reasoning = time.perf_counter() - self.t0
-        if answer and outcome.first_answer is None:
-            outcome.first_answer = time.perf_counter() - self.t0
-        mode = self.mode
-        if mode == "inline":  # not split upstream: the text as the model wrote it
-            return b"data: " + payload + b"\n\n"
-        if mode == "hide" or not reasoning:
-            if not answer:
-                return None
-            delta = b'{"content":' + orjson.dumps(answer) + b"}"
-        elif not answer and self.field_mode == "reasoning_content":
-            delta = b'{"reasoning_content":' + orjson.dumps(reasoning) + b"}"
-        else:
-            new_delta = {"content": answer} if answer else {}
-            _set_reasoning(new_delta, self.field_mode, reasoning)
-            delta = orjson.dumps(new_delta)
-        return envelope.prefix + delta + envelope.suffix
-
-    def _learn_envelope(self, payload: bytes, chunk: dict[str, Any]) -> None:
-        """Remember the bytes around the delta of a plain content chunk, if this one is,
-        checked by parsing the envelope around a stand-in delta."""
-        self._envelope_tries += 1
-        choices = chunk.get("choices")
-        if not isinstance(choices, list) or len(choices) != 1:
+    def _usage(self, usage: Any, *, final: bool) -> None:
+        """Count the tokens at the stream's usage: the usage-only chunk that ends it, or
+        usage sent with the last choice's finish."""
+        if not isinstance(usage, dict):
             return
-        choice = choices[0]
-        if not isinstance(choice, dict) or "error" in chunk or chunk.get("usage") is not None:
+        states = self.choices.values()
+        if not final and not all(state.finished for state in states):
+            # Mid-stream usage (vLLM's continuous_usage_stats): totals so far, not split.
+            self.outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
             return
-        delta = choice.get("delta")
-        index = choice.get("index", 0)
-        if not isinstance(delta, dict) or list(delta) != ["content"]:
-            return
-        if type(delta["content"]) is not str:
-            return
-        if choice.get("finish_reason") is not None or type(index) is not int:
-            return
-        at = payload.find(_CONTENT_KEY)
-        if at < 0 or payload.find(_CONTENT_KEY, at + 1) >= 0:
-            return
-        end = payload.find(b"}", at + _CONTENT_LEN)
-        while end >= 0:  # the delta's closing brace: the first one after a valid literal
-            try:
-                orjson.loads(payload[at + _CONTENT_LEN : end])
-                break
-            except orjson.JSONDecodeError:
-                end = payload.find(b"}", end + 1)
-        if end < 0:
-            return
-        head, tail = payload[:at], payload[end + 1 :]
-        try:
-            probe = orjson.loads(head + b'"delta":{"content":"x"}' + tail)
-        except orjson.JSONDecodeError:
-            return
-        expected = {**chunk, "choices": [{**choice, "delta": {"content": "x"}}]}
-        if probe == expected and probe.get("object") != "error":
-            self._envelope = _Envelope(head, tail, index)
-
-    def _usage(self, usage: dict[str, Any]) -> None:
-        outcome = self.outcome
-        _read_usage(outcome, usage)
-        counted = sum(state.reasoning_chunks for state in self.choices.values())
-        _add_reasoning_tokens(usage, min(counted, outcome.completion_tokens))
-        outcome.reasoning_tokens = int(usage["completion_tokens_details"]["reasoning_tokens"])
+        texts = [("".join(s.reasoning), "".join(s.answer)) for s in states]
+        _count_tokens(self.outcome, usage, self.counter, texts)
 
     def _shape_choice(self, choice: dict[str, Any]) -> tuple[bool, bool]:
         """Rewrite one streamed choice in place; return (send it, was it changed)."""
@@ -398,30 +313,31 @@ class StreamShaper:
         if split_here or state.upstream_split:
             state.upstream_split = True
             reasoning, answer = upstream_reasoning or "", content or ""
-            if reasoning:
-                state.reasoning_chunks += 1
         else:
             splitter = state.splitter
             reasoning = answer = ""
             if content:
-                was_closed = splitter.closed
                 reasoning, answer = splitter.feed(content)
-                if not was_closed:
-                    state.reasoning_chunks += 1
             if finish is not None:
                 r, a = splitter.finish()
                 reasoning += r
                 answer += a
-                flags = splitter.result()
-                if flags.reasoning is None:
-                    state.reasoning_chunks = 0
                 self.outcome.anomalies += splitter.anomalies
-        now = None
-        if reasoning and self.outcome.first_reasoning is None:
-            now = time.perf_counter()
-            self.outcome.first_reasoning = now - self.t0
-        if answer and self.outcome.first_answer is None:
-            self.outcome.first_answer = (now or time.perf_counter()) - self.t0
+        if finish is not None:
+            state.finished = True
+        outcome = self.outcome
+        if reasoning:
+            state.reasoning.append(reasoning)
+            if outcome.first_reasoning is None:
+                outcome.first_reasoning = time.perf_counter() - self.t0
+        if answer:
+            state.answer.append(answer)
+            if outcome.first_answer is None:
+                outcome.first_answer = time.perf_counter() - self.t0
+        # The role delta (each choice's first) keeps a ``content``, "" until there is answer
+        # text, as OpenAI and vLLM send it: a client that joins the deltas then gets "" for
+        # an empty answer, as in a whole response.
+        first = "role" in delta
         if self.mode == "inline":
             if not state.upstream_split:
                 return True, False  # the text as the model wrote it
@@ -434,11 +350,13 @@ class StreamShaper:
                     text += "\n" + THINK_CLOSE + "\n\n"
                     state.closed_inline = True
                 text += answer
-            new_delta: dict[str, Any] = {"content": text} if text else {}
+            new_delta: dict[str, Any] = {"content": text} if text or first else {}
         else:
-            new_delta = {"content": answer} if answer else {}
+            new_delta = {"content": answer} if answer or first else {}
             if self.mode == "separate" and reasoning:
                 _set_reasoning(new_delta, self.field_mode, reasoning)
+        if first and content is None and "tool_calls" in delta and not new_delta["content"]:
+            new_delta["content"] = None  # a tool call's null, as the upstream sent it
         if "role" in delta:
             new_delta = {"role": delta["role"], **new_delta}
         if "tool_calls" in delta:

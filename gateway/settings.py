@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gateway.discovery import DnsTarget
+from gateway.tokens import TokenizerPath
 
 ThinkMode = Literal["separate", "hide", "inline"]
 THINK_MODES: tuple[str, ...] = ("separate", "hide", "inline")
@@ -69,6 +70,11 @@ class Settings(BaseSettings):
     )
     reasoning_budgets: Path | None = Field(
         None, description="YAML: reasoning effort -> token budget per model, and defaults."
+    )
+    tokenizer: TokenizerPath = Field(
+        None,
+        description="Directory holding the served model's tokenizer.json: answer tokens counted "
+        "exactly, reasoning tokens as the rest of completion_tokens (else both estimated).",
     )
 
     rate_limit_rpm: int | None = Field(None, ge=1, description="Requests per minute per key.")
