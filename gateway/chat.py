@@ -210,7 +210,7 @@ class ChatCompletions:
         if gw.shadow.wants(req.model):
             gw.shadow.submit(req.model, data["messages"], completion_text(completion))
         call.outcome = shape_completion(
-            completion, call.mode, settings.reasoning_field, settings.started_in_think
+            completion, call.mode, settings.reasoning_field, settings.started_in_think, gw.tokens
         )
         call.respond()
         return Response(
@@ -250,7 +250,7 @@ class ChatCompletions:
         wants_usage = bool(req.stream_options and req.stream_options.include_usage)
         shaper = StreamShaper(
             call.mode or "separate", settings.reasoning_field, settings.started_in_think,
-            client_wants_usage=wants_usage, t0=call.t0,
+            client_wants_usage=wants_usage, t0=call.t0, counter=gw.tokens,
         )  # fmt: skip
         shadow = None
         if gw.shadow.wants(req.model):

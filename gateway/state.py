@@ -17,6 +17,7 @@ from gateway.planned import Features
 from gateway.settings import Settings
 from gateway.shadow import Shadow, ShadowSettings
 from gateway.tasks import TaskRegistry
+from gateway.tokens import load_counter
 from gateway.upstreams import UpstreamPool
 
 
@@ -39,6 +40,8 @@ class Gateway:
         )  # fmt: skip
         self.shadow = Shadow(ShadowSettings(), self.tasks, self.metrics.registry)
         self.access = AccessLog(settings.access_log)
+        self.tokens = load_counter(settings.tokenizer)  # exact with GATEWAY_TOKENIZER
+        self.metrics.set_token_counts_exact(self.tokens.exact)
         self._ids = itertools.count(1)
         self._id_prefix = f"gw-{os.getpid():x}-{int(time.time()) & 0xFFFFFF:x}-"
 
