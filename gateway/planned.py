@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from gateway.budget import BudgetTable, Plan, plan_request, wants_budget
 from gateway.phases import Report, run_stream, run_whole
 from gateway.protocol import GatewayError
+from gateway.sse import SSEDecoder
 from gateway.sysprompt import inject_system_prompt
 from gateway.tasks import TaskRegistry
 
@@ -151,19 +152,6 @@ async def complete_planned(
     return last, orjson.dumps(result)
 
 
-def sse_data(buf: bytes) -> tuple[list[bytes], bytes]:
-    """The ``data`` payloads of the complete SSE events in ``buf``, and the rest."""
-    out = []
-    *events, rest = buf.replace(b"\r\n", b"\n").split(b"\n\n")
-    for event in events:
-        lines = [
-            line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
-        ]
-        if lines:
-            out.append(b"\n".join(lines))
-    return out, rest
-
-
 class _NoUpstream:
     """What the relay decrements when it is done; the phases count their own upstreams."""
 
@@ -208,11 +196,10 @@ class PlannedStream:
         up, response = await self._open_ok(orjson.dumps(body))
         self._current = (up, response)
         ended = False
-        buf = b""
+        decoder = SSEDecoder()
         try:
             async for piece in response.chunks():
-                payloads, buf = sse_data(buf + piece)
-                for payload in payloads:
+                for payload in decoder.feed(piece):
                     if payload == b"[DONE]":
                         ended = True
                     elif not ended:

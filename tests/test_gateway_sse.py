@@ -32,7 +32,7 @@ def every_way(stream: bytes):
 # --------------------------------------------------------------------------- property
 
 # Line text: anything but \r and \n (other Unicode line breaks are plain text to SSE).
-text = st.text(alphabet=st.characters(exclude_characters="\r\n"), max_size=12)
+text = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=12)
 other_names = st.one_of(
     st.sampled_from(["event", "id", "retry", "dat", "datas", "Data"]),
     text.filter(lambda s: s and not s.startswith(":") and s.split(":")[0] != "data"),
