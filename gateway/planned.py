@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from gateway.budget import BudgetTable, Plan, plan_request, wants_budget
 from gateway.phases import Report, run_stream, run_whole
 from gateway.protocol import GatewayError
+from gateway.sse import SSEDecoder
 from gateway.sysprompt import inject_system_prompt
 from gateway.tasks import TaskRegistry
 
@@ -152,19 +153,6 @@ async def complete_planned(
     return last, orjson.dumps(result)
 
 
-def sse_data(buf: bytes) -> tuple[list[bytes], bytes]:
-    """The ``data`` payloads of the complete SSE events in ``buf``, and the rest."""
-    out = []
-    *events, rest = buf.replace(b"\r\n", b"\n").split(b"\n\n")
-    for event in events:
-        lines = [
-            line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
-        ]
-        if lines:
-            out.append(b"\n".join(lines))
-    return out, rest
-
-
 class PlannedStream:
     """A planned stream, read by the app's relay like one upstream response.
 
@@ -195,11 +183,10 @@ class PlannedStream:
     async def _phase(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         lease = await self._open_ok(orjson.dumps(body))
         ended = False
-        buf = b""
+        decoder = SSEDecoder()
         try:
             async for piece in lease.chunks():
-                payloads, buf = sse_data(buf + piece)
-                for payload in payloads:
+                for payload in decoder.feed(piece):
                     if payload == b"[DONE]":
                         ended = True
                     elif not ended:

@@ -53,8 +53,8 @@ class SSEDecoder:
                         out.append(b"\n".join(self._data))
                         self._data = []
                 pos = end + 2
-            if pos == len(buf):
-                self._line = b""
+            if buf.find(b"\n", pos) < 0:  # no line of the next event is complete yet
+                self._line = buf[pos:]
                 return out
         start = 0 if self._head else pos  # where the event in progress begins in buf
         for eol in _EOL.finditer(buf, pos):

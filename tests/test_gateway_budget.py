@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import copy
 
-import orjson
 import pytest
 
 from distill_common.task import load_task
 from distill_common.think import split_think
 from gateway.budget import BudgetError, BudgetTable, Plan, plan_request
 from gateway.phases import run_stream, run_whole
-from gateway.planned import FeatureMetrics, sse_data
+from gateway.planned import FeatureMetrics
 from gateway.protocol import GatewayError
 from gateway.sysprompt import inject_system_prompt
 from tests.conftest import NEWS_TASK
@@ -305,12 +304,6 @@ def test_metrics_observe_hits_forced_ratio_and_constraint():
     assert 'gateway_constrained_answers_total{model="student"} 3.0' in text
     assert 'gateway_reasoning_budget_used_ratio_count{model="student"} 2.0' in text
     assert 'gateway_reasoning_budget_used_ratio_bucket{le="0.25",model="student"} 1.0' in text
-
-
-def test_sse_data_splits_events_and_keeps_the_rest():
-    payloads, rest = sse_data(b'data: {"a":1}\n\n: keep-alive\n\ndata: [DONE]\r\n\r\ndata: {"b"')
-    assert payloads == [b'{"a":1}', b"[DONE]"] and rest == b'data: {"b"'
-    assert orjson.loads(payloads[0]) == {"a": 1}
 
 
 # --------------------------------------------------------------------------- system prompt
