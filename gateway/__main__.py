@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import resource
 import sys
@@ -51,15 +50,13 @@ def main() -> None:
             file=sys.stderr,
         )
         raise SystemExit(2)
-    from gateway.server import build_server
+    from gateway.server import build_server, freeze_heap
 
     # each client connection may hold an upstream connection too, plus files and sockets
     _raise_fd_limit(2 * (settings.max_connections + 256))
-    # Everything built so far (modules, the app) lives as long as the process: keep the
-    # cyclic GC from walking it again and again (a full collection takes tens of ms).
-    gc.collect()
-    gc.freeze()
-    build_server(settings, app).run()
+    server = build_server(settings, app)
+    freeze_heap()
+    server.run()
 
 
 if __name__ == "__main__":

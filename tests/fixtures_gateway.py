@@ -10,6 +10,7 @@ Usage::
 
 from __future__ import annotations
 
+import gc
 import socket
 import subprocess
 import threading
@@ -53,13 +54,14 @@ class GatewayServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        gc.unfreeze()  # the test session's objects may be collected again
 
 
 def start_gateway(tmp_dir: Path, **overrides: object) -> GatewayServer:
     """Start ``create_app(Settings(**overrides))`` on a free port, in the server
     ``distill-gateway`` runs (:func:`gateway.server.build_server`)."""
     from gateway.app import create_app
-    from gateway.server import build_server
+    from gateway.server import build_server, freeze_heap
     from gateway.settings import Settings
 
     port = free_port()
@@ -67,6 +69,7 @@ def start_gateway(tmp_dir: Path, **overrides: object) -> GatewayServer:
     settings = Settings(**{"access_log": str(log), "host": "127.0.0.1", "port": port, **overrides})
     app = create_app(settings)
     server = build_server(settings, app)
+    freeze_heap()  # as distill-gateway does; here the heap is the whole test session's
     thread = threading.Thread(target=server.run, daemon=True, name=f"gateway-{port}")
     thread.start()
     root = f"http://127.0.0.1:{port}"

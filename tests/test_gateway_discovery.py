@@ -8,6 +8,7 @@ the only stand-in is the DNS answer, which the test controls.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import subprocess
@@ -210,7 +211,7 @@ def dns_gateway(tmp_path: Path) -> Iterator[Callable[..., tuple[str, object]]]:
     """Factory: the gateway on GATEWAY_UPSTREAMS_DNS with the test's resolver; returns its
     base URL and its discovery."""
     from gateway.app import create_app
-    from gateway.server import build_server
+    from gateway.server import build_server, freeze_heap
     from gateway.settings import Settings
 
     servers = []
@@ -225,6 +226,7 @@ def dns_gateway(tmp_path: Path) -> Iterator[Callable[..., tuple[str, object]]]:
         discovery = app.state.gateway.discovery
         discovery.resolver = dns.resolve
         server = build_server(settings, app)
+        freeze_heap()
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         servers.append((server, thread))
@@ -238,6 +240,7 @@ def dns_gateway(tmp_path: Path) -> Iterator[Callable[..., tuple[str, object]]]:
     for server, thread in servers:
         server.should_exit = True
         thread.join(timeout=10)
+    gc.unfreeze()
 
 
 def chat(base: str, **kw: object) -> httpx.Response:
