@@ -194,15 +194,9 @@ BUSY_N, BUSY_TOKENS = 8, 1800
 FINISHED = "vllm:request_success_total"
 
 
-# A stream's hang-up some time after its head is at times not noticed by today's relay, plan or
-# no plan (a raw-socket hang-up during a plain stream on this loaded machine: 2 of 3 ran to
-# the end); issue 15's rebuilt relay is to fix it. Until then that case may fail.
-RELAY_BUG = pytest.mark.xfail(reason="pre-existing: late stream hang-ups missed", strict=False)
-
-
 @pytest.mark.parametrize(
     ("stream", "phase"),
-    [(False, 1), (False, 2), (True, 1), pytest.param(True, 2, marks=RELAY_BUG)],
+    [(False, 1), (False, 2), (True, 1), (True, 2)],
     ids=["whole-1", "whole-2", "stream-1", "stream-2"],
 )
 def test_a_hang_up_in_either_phase_aborts_the_upstream_request(
