@@ -1,20 +1,24 @@
 """Gateway overhead, side by side in one run: (a) direct to a stub upstream, (b) through our
-gateway, (c) through the LiteLLM proxy — rounds interleaved so all three share the machine's
-state.
+gateway, (c) optionally another version of it (``--baseline``), (d) through the LiteLLM proxy —
+rounds interleaved so all of them share the machine's state.
 
-    python bench/gateway_overhead.py [--rounds 3] [--seconds 2] [--install-litellm]
+    python bench/gateway_overhead.py [--rounds 3] [--seconds 2] [--baseline HEAD~1]
+        [--install-litellm] [--json out.json]
 
-Three figures, as the gateway issue defines them:
+The figures, as issue #15 defines them, each the median of the rounds (range beside it):
 
 * overhead   non-streaming, 1 in flight: p50/p99 latency added over direct;
 * capacity   non-streaming, 64 in flight: requests per second;
-* streaming  200-chunk streams, 16 in flight: time added per whole stream.
+* streaming  200-chunk streams, 16 in flight: time added per whole stream;
+* CPU/chunk  the proxy process's own CPU time (``/proc/<pid>/stat``) over the stream chunks
+             it relayed in the streaming phase.
 
-LiteLLM runs from its own venv ``.venv-litellm`` (``--install-litellm`` creates it:
-``python -m venv .venv-litellm && .venv-litellm/bin/pip install 'litellm[proxy]==1.108.7'``);
-if it is missing or does not start, (c) is skipped and the reason printed. The load generator
-is a minimal keep-alive HTTP/1.1 client on asyncio streams, so the client costs little and
-the same for every target.
+``--baseline`` takes a directory holding another version's ``gateway`` package, or a git ref
+(exported with ``git archive``), run with its own packages first on the path. LiteLLM runs
+from its own venv ``.venv-litellm`` (``--install-litellm`` creates it); if it is missing or
+does not start, it is skipped and the reason printed. The load generator is a minimal
+keep-alive HTTP/1.1 client on asyncio streams, so the client costs little and the same for
+every target.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+from overhead_report import plot, report, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 LITELLM_VENV = ROOT / ".venv-litellm"
@@ -148,24 +152,40 @@ async def capacity(target: Target, seconds: float, in_flight: int = 64) -> float
     return done / elapsed
 
 
-async def streams(target: Target, seconds: float, in_flight: int = 16) -> list[float]:
+async def streams(target: Target, seconds: float, in_flight: int = 16) -> tuple[list[float], int]:
+    """Durations of whole 200-chunk streams, and the number of SSE events received."""
     raw = target.request(body(True))
     conns = [await Conn(target.port).open() for _ in range(in_flight)]
     durations: list[float] = []
+    events = 0
     end = time.perf_counter() + seconds
 
     async def worker(conn: Conn) -> None:
+        nonlocal events
         while time.perf_counter() < end:
             t = time.perf_counter()
             status, data = await conn.send(raw)
             durations.append(time.perf_counter() - t)
-            ok = status == 200 and data.count(b"data:") >= 2 and b"error" not in data[-400:]
+            count = data.count(b"data:")
+            ok = status == 200 and count >= 2 and b"error" not in data[-400:]
             assert ok, f"{target.name}: bad stream: {status} {data[-300:]!r}"
+            events += count
 
     await asyncio.gather(*(worker(c) for c in conns))
     for conn in conns:
         conn.close()
-    return durations
+    return durations, events
+
+
+def cpu_seconds(proc: subprocess.Popen | None) -> float | None:
+    """User + system CPU time of ``proc`` so far (Linux ``/proc``); None without one."""
+    if proc is None:
+        return None
+    try:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_up(url: str, proc: subprocess.Popen, timeout: float, headers=None) -> None:
@@ -226,83 +246,45 @@ def start_litellm(stub_port: int, tmp: Path) -> tuple[Target | None, str]:
     return Target("litellm", port, MASTER_KEY, proc), ""
 
 
+def baseline_tree(spec: str, tmp: Path) -> Path:
+    """``spec`` as a directory to run a gateway from: itself, or the tree of a git ref."""
+    if Path(spec).is_dir():
+        return Path(spec).resolve()
+    out = tmp / "baseline"
+    out.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", spec], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
 async def run(targets: list[Target], rounds: int, seconds: float) -> dict[str, dict[str, list]]:
-    results = {t.name: {"lat": [], "rps": [], "stream": []} for t in targets}
+    """Per target and per round: latencies, requests/s, stream durations, CPU per chunk."""
+    keys = ("lat", "rps", "stream", "cpu_chunk")
+    results = {t.name: {k: [] for k in keys} for t in targets}
     for target in targets:  # warm-up: connections, caches, lazy imports
         await one_in_flight(target, 0.3)
         await streams(target, 0.3, in_flight=2)
     for r in range(rounds):
         for target in targets:
-            results[target.name]["lat"] += await one_in_flight(target, seconds)
+            results[target.name]["lat"].append(await one_in_flight(target, seconds))
         for target in targets:
             results[target.name]["rps"].append(await capacity(target, seconds))
         for target in targets:
-            results[target.name]["stream"] += await streams(target, seconds)
+            before = cpu_seconds(target.proc)
+            durations, events = await streams(target, seconds)
+            after = cpu_seconds(target.proc)
+            results[target.name]["stream"].append(durations)
+            if before is not None and after is not None and events:
+                results[target.name]["cpu_chunk"].append((after - before) / events)
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr)
     return results
-
-
-def report(results: dict[str, dict[str, list]], skipped: str) -> None:
-    direct = results["direct"]
-    d50, d99 = pct(direct["lat"], 0.5), pct(direct["lat"], 0.99)
-    dstream = statistics.median(direct["stream"])
-    print(f"\n{'':34}" + "".join(f"{name:>16}" for name in results))
-    rows = [
-        ("1 in flight p50 latency (ms)", lambda r: pct(r["lat"], 0.5) * 1e3, "{:.3f}"),
-        ("1 in flight p99 latency (ms)", lambda r: pct(r["lat"], 0.99) * 1e3, "{:.3f}"),
-        ("  overhead p50 added (ms)", lambda r: (pct(r["lat"], 0.5) - d50) * 1e3, "{:+.3f}"),
-        ("  overhead p99 added (ms)", lambda r: (pct(r["lat"], 0.99) - d99) * 1e3, "{:+.3f}"),
-        ("64 in flight capacity (req/s)", lambda r: statistics.median(r["rps"]), "{:.0f}"),
-        ("200-chunk stream p50 (ms)", lambda r: statistics.median(r["stream"]) * 1e3, "{:.2f}"),
-        (
-            "  added per stream p50 (ms)",
-            lambda r: (statistics.median(r["stream"]) - dstream) * 1e3,
-            "{:+.2f}",
-        ),
-        ("requests measured", lambda r: len(r["lat"]) + len(r["stream"]), "{:.0f}"),
-    ]
-    for label, get, fmt in rows:
-        print(f"{label:34}" + "".join(f"{fmt.format(get(r)):>16}" for r in results.values()))
-    print("\ngoals for the gateway: p50 <= +0.3 ms, p99 <= +1 ms, >= 2500 req/s, <= +5 ms/stream")
-    if skipped:
-        print(f"LiteLLM skipped: {skipped}")
-
-
-def plot(results: dict[str, dict[str, list]], path: Path) -> None:
-    """Three panels, one per figure, log scales (LiteLLM is orders of magnitude away)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    d = results["direct"]
-    panels = [
-        ("p50 latency, 1 in flight (ms)", [pct(results[n]["lat"], 0.5) * 1e3 for n in names]),
-        ("capacity, 64 in flight (req/s)", [statistics.median(results[n]["rps"]) for n in names]),
-        (
-            "200-chunk stream, 16 in flight (ms)",
-            [statistics.median(results[n]["stream"]) * 1e3 for n in names],
-        ),
-    ]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, (title, values) in zip(axes, panels, strict=True):
-        colors = {"direct": "#888888", "gateway": "#2b7bba", "baseline": "#7fb3d5"}
-        bars = ax.bar(names, values, color=[colors.get(n, "#d9822b") for n in names])
-        ax.set_yscale("log")
-        ax.set_title(title)
-        ax.bar_label(bars, labels=[f"{v:.3g}" for v in values])
-    direct_p50 = pct(d["lat"], 0.5) * 1e3
-    fig.suptitle(f"gateway overhead vs direct (direct p50 {direct_p50:.3f} ms), one run")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"chart: {path}")
 
 
 def main() -> None:
@@ -315,10 +297,10 @@ def main() -> None:
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument(
         "--baseline",
-        type=Path,
-        help="a directory holding another version's `gateway` package (e.g. an export of "
-        "the previous commit): run it too, as `baseline`, for an A/B in the same run",
+        help="another version of the gateway, run too as `baseline` for an A/B in the same "
+        "run: a directory holding its `gateway` package, or a git ref (e.g. HEAD~1)",
     )
+    parser.add_argument("--json", type=Path, help="write the figures (raw and summarised) here")
     parser.add_argument(
         "--png", type=Path, default=ROOT / "runs" / "bench" / "gateway_overhead.png"
     )
@@ -348,18 +330,18 @@ def main() -> None:
             procs.append(gw)
             wait_up(f"http://127.0.0.1:{stub_port}/health", stub, 30)
             wait_up(f"http://127.0.0.1:{gw_port}/health", gw, 30)
-            targets = [Target("direct", stub_port), Target("gateway", gw_port, "sk-bench")]
+            targets = [Target("direct", stub_port), Target("gateway", gw_port, "sk-bench", gw)]
             if args.baseline is not None:
                 base_port = free_port()
                 base_env = {**gw_env, "GATEWAY_PORT": str(base_port)}
-                baseline = args.baseline.resolve()  # its `gateway` first, our `pipeline`
+                baseline = baseline_tree(args.baseline, tmp)  # its packages first
                 base_env["PYTHONPATH"] = os.pathsep.join([str(baseline), str(ROOT)])
                 base_env["GATEWAY_ACCESS_LOG"] = str(tmp / "access-baseline.jsonl")
                 argv = [sys.executable, "-m", "gateway"]
                 base = start(argv, base_env, tmp / "baseline.log", cwd=baseline)
                 procs.append(base)
                 wait_up(f"http://127.0.0.1:{base_port}/health", base, 30)
-                targets.append(Target("baseline", base_port, "sk-bench"))
+                targets.append(Target("baseline", base_port, "sk-bench", base))
             skipped = "--no-litellm" if args.no_litellm else ""
             if not args.no_litellm:
                 if args.install_litellm and not (LITELLM_VENV / "bin" / "litellm").exists():
@@ -374,8 +356,14 @@ def main() -> None:
                 file=sys.stderr,
             )
             results = uvloop.run(run(targets, args.rounds, args.seconds))
-            report(results, skipped)
-            plot(results, args.png)
+            summary = summarise(results)
+            report(summary, skipped)
+            plot(summary, args.png)
+            if args.json is not None:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_bytes(
+                    orjson.dumps({"summary": summary, "raw": results}, option=orjson.OPT_INDENT_2)
+                )
         finally:
             for proc in procs:
                 proc.terminate()

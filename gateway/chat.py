@@ -125,19 +125,26 @@ async def _disconnected(receive: Receive) -> None:
 async def guarded(work: Awaitable[T], receive: Receive, timeout: float) -> T:
     """Await ``work`` (the body already read): ``ClientGone`` if the client disconnects
     first, ``TimeoutError`` after ``timeout`` seconds; either way ``work`` is cancelled."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive))
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(receive)
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
         async with asyncio.timeout(timeout):
-            await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+            return await work
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:  # cancelled by the watcher, not from outside
+            raise ClientGone from None
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise ClientGone
-    return task.result()
 
 
 class ChatCompletions:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 # Idle keep-alive connections are dropped before the server drops them (uvicorn, and so
 # vLLM, closes idle connections after 5 s): a request never lands on a connection the
@@ -108,11 +109,13 @@ class Transport:
         headers: dict[str, str] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._urls: dict[str, URL] = {}  # parsed once per path
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self._max_connections = max_connections
-        self._headers = headers or {}
+        # every request the gateway sends with a body is JSON
+        self._headers = {"content-type": "application/json", **(headers or {})}
         self._session: aiohttp.ClientSession | None = None
 
     def _open_session(self) -> aiohttp.ClientSession:
@@ -134,14 +137,14 @@ class Transport:
         session = self._session
         if session is None:
             session = self._session = self._open_session()
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.base_url + path)
         kwargs: dict[str, Any] = {}
-        if body is not None:
-            kwargs["data"] = body
-            kwargs["headers"] = {"content-type": "application/json"}
         if timeout is not None:
             kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
         try:
-            raw = await session.request(method, self.base_url + path, **kwargs)
+            raw = await session.request(method, url, data=body, **kwargs)
         except aiohttp.ClientError as e:
             raise _mapped(e) from None
         return Response(raw)
