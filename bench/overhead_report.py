@@ -92,7 +92,7 @@ def goals(summary: Summary) -> list[tuple[str, bool | None, str]]:
 
 def report(summary: Summary, skipped: str) -> None:
     """The table (median of the rounds, range in brackets) and the goals."""
-    width = 26
+    width = 28
     print(f"\n{'':28}" + "".join(f"{name:>{width}}" for name in summary))
     for label, key, fmt in ROWS:
         cells = "".join(f"{_cell(s[key], fmt):>{width}}" for s in summary.values())

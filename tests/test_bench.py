@@ -47,3 +47,16 @@ def test_shadow_latency_runs_small():
     out = _run("bench/shadow_latency.py", "--rounds", "1", "--seconds", "0.3")
     assert re.search(r"non-streamed p50 \(ms\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", out), out
     assert re.search(r"shadow outcomes \(shadow-busy\): .*agree \d+", out), out
+
+
+@pytest.mark.slow
+def test_gateway_overhead_runs_against_a_baseline_ref():
+    out = _run(
+        "bench/gateway_overhead.py", "--rounds", "1", "--seconds", "0.3", "--no-litellm",
+        "--baseline", "HEAD", "--png", "/dev/null",
+    )  # fmt: skip
+    cpu = re.search(r"^CPU per relayed chunk \(us\)\s+n/a\s+([\d.]+)\s+([\d.]+)", out, re.M)
+    assert cpu and float(cpu.group(1)) > 0 and float(cpu.group(2)) > 0, out
+    for goal in ("added p50 <= 0.5 ms", "capacity >= 0.75 x baseline", "CPU per chunk"):
+        assert re.search(rf"^  (PASS|MISS)\s+{re.escape(goal)}", out, re.M), out
+    assert re.search(r"^  n/a\s+capacity >= 50 x LiteLLM", out, re.M), out
