@@ -60,3 +60,13 @@ def test_gateway_overhead_runs_against_a_baseline_ref():
     for goal in ("added p50 <= 0.5 ms", "capacity >= 0.75 x baseline", "CPU per chunk"):
         assert re.search(rf"^  (PASS|MISS)\s+{re.escape(goal)}", out, re.M), out
     assert re.search(r"^  n/a\s+capacity >= 50 x LiteLLM", out, re.M), out
+
+
+@pytest.mark.slow
+def test_gateway_soak_runs_small_without_errors():
+    out = _run(
+        "bench/gateway_soak.py", "--rate", "50", "--seconds", "3", "--warmup", "1",
+        "--png", "/dev/null",
+    )  # fmt: skip
+    assert re.search(r"^requests: 150 at 50/s for 3 s, errors: 0$", out, re.M), out
+    assert re.search(r"^gateway memory MiB: after warm-up [\d.]+, end [\d.]+", out, re.M), out

@@ -198,6 +198,25 @@ def test_max_messages_setting(gateway, standin_factory):
     assert chat(gw, upstream.model, messages=turns).status_code == 200
 
 
+def test_deeply_nested_bodies_are_400_and_the_gateway_keeps_serving(gateway, standin_factory):
+    upstream = standin_factory(reasoning_format="inline")
+    gw = gateway(upstreams=upstream.base_url)
+    url = gw.base_url + "/chat/completions"
+    too_deep = b"[" * 200_000 + b"]" * 200_000  # past the JSON parser's depth limit
+    nested_content = (
+        b'{"model": "m", "messages": [{"role": "user", "content": '
+        + b"[" * 500 + b"]" * 500 + b"}]}"
+    )  # fmt: skip
+    for body, words in ((too_deep, "invalid JSON"), (nested_content, "messages.0")):
+        t0 = time.perf_counter()
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text[:300]
+        assert words in r.json()["error"]["message"]
+        assert time.perf_counter() - t0 < 2.0
+    assert chat(gw, upstream.model).status_code == 200
+    assert upstream.requests() and len(upstream.requests()) == 1  # nothing bad went upstream
+
+
 # ---- 3. slowloris ---------------------------------------------------------------------------
 
 
