@@ -62,7 +62,8 @@ serve: $(STAMP) ## serve the demo's merged student with vLLM (CPU build here, sa
 
 bench: $(STAMP) ## benchmarks sized for this machine (see bench/)
 	$(PY) bench/generate_throughput.py
-	$(PY) bench/gateway_overhead.py --install-litellm
+	$(PY) bench/gateway_overhead.py --install-litellm --baseline HEAD~1
+	$(PY) bench/gateway_soak.py --seconds 60
 	$(PY) bench/train_throughput.py --tiny
 
 clean: ## remove runs/ and caches (keeps .venv)
