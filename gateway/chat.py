@@ -171,6 +171,10 @@ class ChatCompletions:
                 call.upstream_wait = time.perf_counter() - call.t0
                 call.close(499, "client_disconnected")
                 return
+            except Exception:  # a bug: still an answer in OpenAI's shape, and a log line
+                log.exception("chat request %s failed", call.rid)
+                err = GatewayError(500, "internal error in the gateway")
+                response = self._fail(call, err, "internal")
             try:
                 await response(scope, receive, send)
             except OSError:  # the client left while its response was being sent

@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,6 +94,39 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@dataclass
+class GatewayProcess:
+    """A gateway running as ``python -m gateway`` (its image's command) in its own process."""
+
+    base_url: str
+    root_url: str
+    access_log: Path
+
+    def metrics(self) -> str:
+        return httpx.get(self.root_url + "/metrics", timeout=10).text
+
+    def log_rows(self) -> list[dict]:
+        return GatewayServer.log_rows(self)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Factory: ``gateway_process(upstream, **env) -> GatewayProcess`` (``env``: more
+    ``GATEWAY_*`` settings); stopped at teardown. For tests that time the gateway against a
+    generation: in its own process it shares no interpreter with the test session."""
+    from pipeline.serve import running_gateway
+
+    with ExitStack() as stack:
+
+        def start(upstream: str, **env: str) -> GatewayProcess:
+            port = free_port()
+            log = tmp_path / f"gateway-{port}.log"
+            base = stack.enter_context(running_gateway(upstream, {}, port, log, env))
+            return GatewayProcess(base, base.removesuffix("/v1"), log.with_suffix(".access.jsonl"))
+
+        yield start
 
 
 def launch_standin(tmp_dir: Path, **options: object) -> StandinServer:

@@ -181,11 +181,13 @@ class Generation:
 
 
 @pytest.mark.usefixtures("batch_of_16_warm")
-def test_non_streaming_client_disconnect_aborts_the_generation(gateway, vllm_server, question):
+def test_non_streaming_client_disconnect_aborts_the_generation(
+    gateway_process, vllm_server, question
+):
     """A non-streaming client that hangs up while vLLM generates (nothing sent yet) must
     free its vLLM slots: the gateway cancels the upstream request and closes its
     connection, which vLLM takes as an abort."""
-    gw = gateway(upstreams=vllm_server.base_url)
+    gw = gateway_process(vllm_server.base_url)
     generation = Generation(vllm_server)
     body = orjson.dumps({"model": vllm_server.model, "messages": question, **LONG, **EXTRA})
     port = int(gw.root_url.rsplit(":", 1)[1])
@@ -205,10 +207,10 @@ def test_non_streaming_client_disconnect_aborts_the_generation(gateway, vllm_ser
 
 
 @pytest.mark.usefixtures("batch_of_16_warm")
-def test_streaming_client_disconnect_aborts_the_generation(gateway, vllm_server, question):
+def test_streaming_client_disconnect_aborts_the_generation(gateway_process, vllm_server, question):
     """A streaming client (the openai SDK) that reads a little and hangs up must free its
     vLLM slots too."""
-    gw = gateway(upstreams=vllm_server.base_url)
+    gw = gateway_process(vllm_server.base_url)
     generation = Generation(vllm_server)
     client = openai.OpenAI(base_url=gw.base_url, api_key="none", max_retries=0)
     stream = client.chat.completions.create(
