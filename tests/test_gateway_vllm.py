@@ -180,6 +180,21 @@ class Generation:
         assert rows[-1]["error"] == "client_disconnected"
 
 
+def _in_three_tries(once) -> None:
+    """``once(rows_before)`` up to three times, each with every assertion. The hang-up races a
+    generation on 2 shared cores, and in the full test session the test process itself can be
+    held up for seconds (its hang-up then lands after the generation): the test fails only
+    when no try shows the abort."""
+    errors = []
+    for _ in range(3):
+        try:
+            once()
+            return
+        except AssertionError as e:
+            errors.append(str(e).splitlines()[0])
+    pytest.fail("no try aborted the generation: " + " | ".join(errors))
+
+
 @pytest.mark.usefixtures("batch_of_16_warm")
 def test_non_streaming_client_disconnect_aborts_the_generation(
     gateway_process, vllm_server, question
@@ -188,22 +203,31 @@ def test_non_streaming_client_disconnect_aborts_the_generation(
     free its vLLM slots: the gateway cancels the upstream request and closes its
     connection, which vLLM takes as an abort."""
     gw = gateway_process(vllm_server.base_url)
-    generation = Generation(vllm_server)
     body = orjson.dumps({"model": vllm_server.model, "messages": question, **LONG, **EXTRA})
     port = int(gw.root_url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
-        client.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\n"
-            b"content-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body)
-        )
-        # vLLM's scrape can stall for seconds while it generates a batch this size, so the
-        # hang-up is timed: the whole generation takes several seconds here (about 8 s)
-        time.sleep(HANG_UP_AFTER_S)
-        client.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            client.recv(1)  # nothing answered yet: the generation was still running
-    generation.aborted(gw)
+
+    def once() -> None:
+        _wait_for(vllm_server, RUNNING, lambda running: running == 0, timeout=60)  # idle
+        logged = len(gw.log_rows())
+        generation = Generation(vllm_server)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\n"
+                b"content-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            # vLLM's scrape can stall for seconds while it generates a batch this size, so the
+            # hang-up is timed: the whole generation takes several seconds here (about 8 s)
+            time.sleep(HANG_UP_AFTER_S)
+            client.setblocking(False)
+            try:
+                answered = client.recv(1)
+            except BlockingIOError:
+                answered = b""  # nothing answered yet: the generation was still running
+            assert not answered, "the gateway answered before the hang-up"
+        generation.aborted(gw, after=logged)
+
+    _in_three_tries(once)
 
 
 @pytest.mark.usefixtures("batch_of_16_warm")
@@ -211,16 +235,22 @@ def test_streaming_client_disconnect_aborts_the_generation(gateway_process, vllm
     """A streaming client (the openai SDK) that reads a little and hangs up must free its
     vLLM slots too."""
     gw = gateway_process(vllm_server.base_url)
-    generation = Generation(vllm_server)
     client = openai.OpenAI(base_url=gw.base_url, api_key="none", max_retries=0)
-    stream = client.chat.completions.create(
-        model=vllm_server.model, messages=question, stream=True, **LONG, extra_body=EXTRA
-    )
-    chunks = iter(stream)
-    next(chunks)
-    next(chunks)  # vLLM is generating: hang up now
-    stream.close()
-    generation.aborted(gw)
+
+    def once() -> None:
+        _wait_for(vllm_server, RUNNING, lambda running: running == 0, timeout=60)  # idle
+        logged = len(gw.log_rows())
+        generation = Generation(vllm_server)
+        stream = client.chat.completions.create(
+            model=vllm_server.model, messages=question, stream=True, **LONG, extra_body=EXTRA
+        )
+        chunks = iter(stream)
+        next(chunks)
+        next(chunks)  # vLLM is generating: hang up now
+        stream.close()
+        generation.aborted(gw, after=logged)
+
+    _in_three_tries(once)
 
 
 def test_upstream_metrics_and_ready_with_real_vllm(gateway, vllm_server, question, direct):
