@@ -30,6 +30,15 @@ if TYPE_CHECKING:
     from tests.fixtures_standin import StandinServer
 
 
+def access_rows(path: Path) -> list[dict]:
+    """The gateway's access log, one dict a row (none before the first request)."""
+    import orjson
+
+    if not path.exists():
+        return []
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
 @dataclass
 class GatewayServer:
     """A gateway running in this process: its URLs, settings and access log."""
@@ -45,11 +54,7 @@ class GatewayServer:
         return httpx.get(self.root_url + "/metrics", timeout=10).text
 
     def log_rows(self) -> list[dict]:
-        import orjson
-
-        if not self.access_log.exists():
-            return []
-        return [orjson.loads(line) for line in self.access_log.read_bytes().splitlines()]
+        return access_rows(self.access_log)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -108,7 +113,7 @@ class GatewayProcess:
         return httpx.get(self.root_url + "/metrics", timeout=10).text
 
     def log_rows(self) -> list[dict]:
-        return GatewayServer.log_rows(self)  # type: ignore[arg-type]
+        return access_rows(self.access_log)
 
 
 @pytest.fixture
