@@ -50,6 +50,20 @@ class Upstream:
         return f"Upstream({self.base_url}, in_flight={self.in_flight})"
 
 
+def no_answer(e: ReadTimeout | Disconnected) -> GatewayError:
+    """A request that reached the upstream and got no whole answer: 504 for silence, 502 for a
+    closed connection (never re-sent; ``reason`` is what the caller counts)."""
+    if isinstance(e, ReadTimeout):
+        return GatewayError(
+            504, "the model server sent no response in time",
+            code="upstream_timeout", reason="first_byte_timeout",
+        )  # fmt: skip
+    return GatewayError(
+        502, "the model server closed the connection without answering in full",
+        code="upstream_closed", reason="closed",
+    )  # fmt: skip
+
+
 class Lease:
     """A request's hold on one upstream, counted in its ``in_flight`` from the moment it is
     chosen until :meth:`end` (which is idempotent: a lease cannot be released twice)."""
@@ -62,10 +76,6 @@ class Lease:
         self._ended = False
         upstream.in_flight += 1
 
-    @property
-    def complete(self) -> bool:
-        return self.response is not None and self.response.complete
-
     def chunks(self) -> Any:
         assert self.response is not None
         return self.response.chunks()
@@ -75,14 +85,8 @@ class Lease:
         assert self.response is not None
         try:
             return await self.response.read()
-        except ReadTimeout:
-            raise GatewayError(
-                504, "the model server sent no response in time", reason="first_byte_timeout"
-            ) from None
-        except Disconnected:
-            raise GatewayError(
-                502, "the model server closed the connection", reason="closed"
-            ) from None
+        except (ReadTimeout, Disconnected) as e:
+            raise no_answer(e) from None
         finally:
             self.end()
 
@@ -166,19 +170,9 @@ class UpstreamPool:
                 self._connect_failed(
                     up, "connect_timeout" if isinstance(e, ConnectTimeout) else "connect"
                 )
-            except ReadTimeout:
+            except (ReadTimeout, Disconnected) as e:
                 lease.end()
-                self.metrics.upstream_errors.labels("first_byte_timeout").inc()
-                raise GatewayError(
-                    504, "the model server sent no response in time", code="upstream_timeout"
-                ) from None
-            except Disconnected:
-                lease.end()
-                self.metrics.upstream_errors.labels("closed").inc()
-                raise GatewayError(
-                    502, "the model server closed the connection without answering",
-                    code="upstream_closed",
-                ) from None  # fmt: skip
+                raise no_answer(e) from None
             except BaseException:
                 lease.end()
                 raise
