@@ -259,11 +259,6 @@ def baseline_tree(spec: str, tmp: Path) -> Path:
     return out
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 async def run(targets: list[Target], rounds: int, seconds: float) -> dict[str, dict[str, list]]:
     """Per target and per round: latencies, requests/s, stream durations, CPU per chunk."""
     keys = ("lat", "rps", "stream", "cpu_chunk")

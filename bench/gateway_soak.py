@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway_overhead import ROOT, Conn, Target, body, free_port, pct, start, wait_up
+from gateway_overhead import ROOT, Conn, Target, body, free_port, start, wait_up
+from overhead_report import pct
 
 
 def rss_mb(proc: subprocess.Popen) -> float:

@@ -9,7 +9,8 @@ from pathlib import Path
 Summary = dict[str, dict[str, list[float]]]  # target -> figure -> one value per round
 
 
-def _pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank)."""
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
 
@@ -21,13 +22,13 @@ def summarise(results: dict[str, dict[str, list]]) -> Summary:
     for name, r in results.items():
         rounds = range(len(r["lat"]))
         out[name] = {
-            "p50_ms": [_pct(r["lat"][i], 0.5) * 1e3 for i in rounds],
-            "p99_ms": [_pct(r["lat"][i], 0.99) * 1e3 for i in rounds],
+            "p50_ms": [pct(r["lat"][i], 0.5) * 1e3 for i in rounds],
+            "p99_ms": [pct(r["lat"][i], 0.99) * 1e3 for i in rounds],
             "added_p50_ms": [
-                (_pct(r["lat"][i], 0.5) - _pct(direct["lat"][i], 0.5)) * 1e3 for i in rounds
+                (pct(r["lat"][i], 0.5) - pct(direct["lat"][i], 0.5)) * 1e3 for i in rounds
             ],
             "added_p99_ms": [
-                (_pct(r["lat"][i], 0.99) - _pct(direct["lat"][i], 0.99)) * 1e3 for i in rounds
+                (pct(r["lat"][i], 0.99) - pct(direct["lat"][i], 0.99)) * 1e3 for i in rounds
             ],
             "rps": list(r["rps"]),
             "stream_ms": [statistics.median(r["stream"][i]) * 1e3 for i in rounds],

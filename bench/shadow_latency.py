@@ -30,7 +30,8 @@ import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway_overhead import ROOT, Target, free_port, one_in_flight, pct, start, wait_up
+from gateway_overhead import ROOT, Target, free_port, one_in_flight, start, wait_up
+from overhead_report import pct
 
 MESSAGES = [{"role": "user", "content": "新闻分类:国足客场二比一逆转取胜"}]
 
