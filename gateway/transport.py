@@ -124,6 +124,9 @@ class Transport:
         )
         return aiohttp.ClientSession(
             connector=connector,
+            # one session carries every client's requests: a cookie an upstream sets for one
+            # must never be sent with another's
+            cookie_jar=aiohttp.DummyCookieJar(),
             timeout=self._timeout,
             headers=self._headers,
             auto_decompress=False,

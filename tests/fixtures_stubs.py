@@ -13,7 +13,8 @@ does what ``behaviour`` says:
 
 ``GET …/models`` lists ``models`` (and closes the connection, so that chat requests always
 arrive on fresh connections). The stub counts chat requests (``chat_requests``, the parsed
-bodies) and connections (``open_connections`` now, ``peak_connections`` at most).
+bodies; ``chat_headers``, their headers) and connections (``open_connections`` now,
+``peak_connections`` at most). ``set_cookie`` adds a ``Set-Cookie`` header to its answers.
 
 Usage::
 
@@ -79,11 +80,13 @@ async def read_request(reader: asyncio.StreamReader) -> RequestHead | None:
     return RequestHead(method, path, headers, body)
 
 
-def _response(status: int, body: bytes, content_type: str, *, close: bool = False) -> bytes:
+def _response(
+    status: int, body: bytes, content_type: str, *, close: bool = False, extra: str = ""
+) -> bytes:
     reason = {200: "OK", 400: "Bad Request", 404: "Not Found"}.get(status, "Status")
     head = (
         f"HTTP/1.1 {status} {reason}\r\n"
-        f"content-type: {content_type}\r\n"
+        f"content-type: {content_type}\r\n{extra}"
         f"content-length: {len(body)}\r\n"
         f"connection: {'close' if close else 'keep-alive'}\r\n\r\n"
     )
@@ -144,12 +147,15 @@ class StubServer:
         models: tuple[str, ...] = (STUB_MODEL,),
         delay: float = 0.0,
         error_status: int = 400,
+        set_cookie: str | None = None,
     ) -> None:
         if behaviour not in ("ok", "close", "error"):
             raise ValueError(behaviour)
         self.behaviour, self.models, self.delay = behaviour, models, delay
         self.error_status = error_status
         self.chat_requests: list[Any] = []
+        self.chat_headers: list[dict[str, str]] = []
+        self._extra = f"set-cookie: {set_cookie}\r\n" if set_cookie else ""
         self.open_connections = 0
         self.peak_connections = 0
         self.total_connections = 0
@@ -212,6 +218,7 @@ class StubServer:
         body = request.json()
         with self._lock:
             self.chat_requests.append(body)
+            self.chat_headers.append(request.headers)
         if self.behaviour == "close":
             return False
         if self.delay:
@@ -232,11 +239,11 @@ class StubServer:
             return True
         model = body.get("model", STUB_MODEL) if isinstance(body, dict) else STUB_MODEL
         if isinstance(body, dict) and body.get("stream"):
-            writer.write(_response(200, sse_events(str(model)), "text/event-stream"))
+            answer = _response(200, sse_events(str(model)), "text/event-stream", extra=self._extra)
         else:
-            writer.write(
-                _response(200, json.dumps(completion(str(model))).encode(), "application/json")
-            )
+            data = json.dumps(completion(str(model))).encode()
+            answer = _response(200, data, "application/json", extra=self._extra)
+        writer.write(answer)
         await writer.drain()
         return True
 
