@@ -123,7 +123,7 @@ class Services:
                     cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 )  # fmt: skip
             self._teacher = (proc, f"http://127.0.0.1:{port}/v1")
-            wait_healthy(f"http://127.0.0.1:{port}/health", proc, 60, log)
+            wait_healthy(f"http://127.0.0.1:{port}/health", proc, 60, log, "the stand-in teacher")
             _say(f"stand-in teacher on {self._teacher[1]} (log {log})")
         return self._teacher[1]
 
