@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     tokenizer: TokenizerPath = Field(
         None,
         description="Directory holding the served model's tokenizer.json: answer tokens counted "
-        "exactly, reasoning tokens as the rest of completion_tokens (else both estimated).",
+        "exactly, reasoning tokens as the rest of completion_tokens (empty or `off`: both "
+        "estimated).",
     )
 
     rate_limit_rpm: int | None = Field(None, ge=1, description="Requests per minute per key.")

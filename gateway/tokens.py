@@ -108,15 +108,20 @@ def load_counter(path: Path | None) -> TokenCounter:
     return ExactCounter(load_tokenizer(path))
 
 
+def _none_if_off(value: object) -> object:
+    # `off` as well as empty: compose's ${GATEWAY_TOKENIZER:-/runs/merged} turns an empty value
+    # into the default, so a compose user needs a non-empty word to ask for the estimate
+    if isinstance(value, str) and value.strip().lower() in ("", "off"):
+        return None
+    return value
+
+
 def _check(path: Path | None) -> Path | None:
     if path is not None:
         load_tokenizer(path)
     return path
 
 
-TokenizerPath = Annotated[
-    Path | None,
-    BeforeValidator(lambda v: None if isinstance(v, str) and not v.strip() else v),
-    AfterValidator(_check),
-]
-"""The settings type of ``GATEWAY_TOKENIZER``: empty means none; a bad path fails at startup."""
+TokenizerPath = Annotated[Path | None, BeforeValidator(_none_if_off), AfterValidator(_check)]
+"""The settings type of ``GATEWAY_TOKENIZER``: empty or ``off`` means none (estimated counts);
+a bad path fails at startup."""

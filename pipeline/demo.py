@@ -123,7 +123,7 @@ class Services:
                     cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 )  # fmt: skip
             self._teacher = (proc, f"http://127.0.0.1:{port}/v1")
-            wait_healthy(f"http://127.0.0.1:{port}/health", proc, 60, log)
+            wait_healthy(f"http://127.0.0.1:{port}/health", proc, 60, log, "the stand-in teacher")
             _say(f"stand-in teacher on {self._teacher[1]} (log {log})")
         return self._teacher[1]
 
@@ -258,10 +258,20 @@ def print_summary(
 DEMO_BUDGETS = "none,8,16,32,64,unlimited"
 
 
-def demo_sweep(upstream: str, task: Path, test_json: Path, out: Path, max_tokens: int) -> float:
-    """The demo's stage: the student through the gateway (which knows its task) at each of
-    :data:`DEMO_BUDGETS`, as ``distill eval`` runs it; returns the seconds it took."""
-    with running_gateway(upstream, {"student": task}, free_port(), out / "gateway.log") as url:
+def gateway_env(model: Path) -> dict[str, str]:
+    """The gateway settings the GPU stack also sets: the served ``model``'s tokenizer, so
+    reasoning and answer tokens are counted exactly."""
+    return {"GATEWAY_TOKENIZER": str(model)}
+
+
+def demo_sweep(
+    upstream: str, task: Path, test_json: Path, out: Path, max_tokens: int, model: Path
+) -> float:
+    """The demo's stage: the student (``model``, served at ``upstream``) through the gateway
+    (which knows its task) at each of :data:`DEMO_BUDGETS`, as ``distill eval`` runs it;
+    returns the seconds it took."""
+    env = gateway_env(model)
+    with running_gateway(upstream, {"student": task}, free_port(), out / "gateway.log", env) as url:
         argv = ["eval", "--endpoint", f"student={url}@student", "--data", str(test_json),
                 "--task", str(task), "--out", str(out), "--max-tokens", str(max_tokens),
                 "--concurrency", "16", "--reasoning-budget", DEMO_BUDGETS]  # fmt: skip
@@ -278,7 +288,7 @@ def shadow_stage(paths: Paths, svc: Services, task: Path, student_url: str, budg
         task_path=task, test_json=paths.data / "test.json",
         predictions=paths.eval / BARE / "predictions_student.jsonl", student_url=student_url,
         teacher_url=svc.teacher(), teacher_model=TEACHER_MODEL, max_tokens=budget,
-        out=paths.out / "shadow", port=free_port(),
+        out=paths.out / "shadow", port=free_port(), gateway_env=gateway_env(paths.student),
     )  # fmt: skip
     print_shadow(live, offline, paths.out / "shadow" / "flywheel.jsonl")
     return time.monotonic() - t0
@@ -359,7 +369,9 @@ def run_demo(
             url = svc.vllm({"student": paths.student})["student"]
             max_tokens = answer_token_budget(paths.data, paths.base)
             test_json = paths.data / "test.json"
-            times["budget sweep"] = demo_sweep(url, task, test_json, sweep_out, max_tokens)
+            times["budget sweep"] = demo_sweep(
+                url, task, test_json, sweep_out, max_tokens, paths.student
+            )
             if has_teacher_labels(paths.data / "test.json"):  # the student's vLLM is still up
                 times["shadow"] = shadow_stage(paths, svc, task, urls["student"], budget)
     if times:

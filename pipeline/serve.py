@@ -120,9 +120,14 @@ def stop_process(process: subprocess.Popen, timeout: float = 30.0) -> None:
 
 
 def wait_healthy(
-    url: str, process: subprocess.Popen, timeout: float, log_path: Path | None = None
+    url: str,
+    process: subprocess.Popen,
+    timeout: float,
+    log_path: Path | None = None,
+    name: str = "vLLM",
 ) -> None:
-    """Poll ``url`` until it answers 200; fail early if the process exits."""
+    """Poll ``url`` until it answers 200; fail early if the process (``name`` in the error)
+    exits."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -132,12 +137,12 @@ def wait_healthy(
             if log_path and log_path.exists():
                 tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
             where = f" (log: {log_path})" if log_path else ""
-            raise ServeError(f"vLLM exited with code {process.returncode}{where}\n{tail}")
+            raise ServeError(f"{name} exited with code {process.returncode}{where}\n{tail}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=5).status_code == 200:
                 return
         time.sleep(1.0)
-    raise ServeError(f"vLLM did not answer {url} within {timeout:.0f} s")
+    raise ServeError(f"{name} did not answer {url} within {timeout:.0f} s")
 
 
 def launch_vllm(
@@ -295,7 +300,7 @@ def running_gateway(
             env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
-        wait_healthy(f"http://127.0.0.1:{port}/health", proc, 60, log)
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, 60, log, "the gateway")
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         stop_process(proc, 10)

@@ -90,12 +90,15 @@ def run_shadow_demo(
     max_tokens: int,
     out: Path,
     port: int,
+    gateway_env: dict[str, str] | None = None,
 ) -> tuple[dict[str, int], dict[str, int]]:
-    """Serve the student behind a shadowing gateway, send the held-out rows; (live, offline)."""
+    """Serve the student behind a shadowing gateway (with any other ``GATEWAY_*`` settings in
+    ``gateway_env``), send the held-out rows; (live, offline)."""
     task = load_task(task_path)
     rows = load_rows(test_json, task)
     out.mkdir(parents=True, exist_ok=True)
-    shadow = {
+    env = {
+        **(gateway_env or {}),
         "GATEWAY_SHADOW_TEACHER": f"url={teacher_url},model={teacher_model}",
         "GATEWAY_SHADOW_RATE": "1.0",
         "GATEWAY_SHADOW_MAX_RPM": "100000",
@@ -104,7 +107,7 @@ def run_shadow_demo(
         "GATEWAY_SHADOW_LOG": str(out / "flywheel.jsonl"),
     }
     log = out / "gateway.log"
-    with running_gateway(student_url, {"student": task_path}, port, log, shadow) as base_url:
+    with running_gateway(student_url, {"student": task_path}, port, log, env) as base_url:
         asyncio.run(_burst(base_url, rows, task, max_tokens))
         root = base_url.removesuffix("/v1")
         deadline = time.monotonic() + 300

@@ -184,6 +184,19 @@ def test_vllm_serves_the_merged_model_with_settings_from_env():
     assert upstream == f"http://vllm:{option(args, '--port')}/v1"
 
 
+def test_gateway_counts_tokens_with_the_tokenizer_of_the_model_vllm_serves():
+    s = services()
+    gw = s["gateway"]
+    model = option(distill_argv(s["vllm"]), "--model")
+    assert gw["environment"]["GATEWAY_TOKENIZER"] == model
+    mounts = {m["target"]: m for m in gw["volumes"]}
+    root = "/" + model.strip("/").split("/")[0]
+    assert mounts[root]["source"] == "runs" and mounts[root].get("read_only")
+    # compose turns an empty value into the default: `off` is how to ask for the estimate
+    off = render(env={"GATEWAY_TOKENIZER": "off"})["services"]["gateway"]
+    assert off["environment"]["GATEWAY_TOKENIZER"] == "off"
+
+
 def _seconds(duration: str) -> float:
     units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)

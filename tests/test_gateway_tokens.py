@@ -320,6 +320,14 @@ def test_settings_load_the_tokenizer_or_say_what_was_expected(tmp_path, tokenize
     assert load_counter(None) is ESTIMATE
 
 
+@pytest.mark.parametrize("value", ["", "off", " OFF "])
+def test_an_empty_or_off_tokenizer_setting_is_the_estimate(monkeypatch, value):
+    """Compose passes ``${GATEWAY_TOKENIZER:-/runs/merged}``: an empty .env value becomes the
+    default there, so `off` is how a compose user asks for estimated counts."""
+    monkeypatch.setenv("GATEWAY_TOKENIZER", value)
+    assert Settings().tokenizer is None
+
+
 def test_the_metric_says_whether_counts_are_exact():
     metrics = Metrics()
     text = metrics.scrape().decode()

@@ -90,6 +90,21 @@ def test_gateway_finds_vllm_through_the_headless_service(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_counts_tokens_with_the_tokenizer_of_the_model_vllm_serves(overlay):
+    objs = rendered(overlay)
+    gw = one(objs, "Deployment", "gateway")
+    c = container(gw)
+    model = compose.option(k8s_argv(overlay, "vllm"), "--model")
+    assert env_values(objs, c)["GATEWAY_TOKENIZER"] == model
+    root = "/" + model.strip("/").split("/")[0]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts[root]["readOnly"]
+    volumes = {v["name"]: v for v in pod_spec(gw)["volumes"]}
+    claim = volumes[mounts[root]["name"]]["persistentVolumeClaim"]
+    assert claim == {"claimName": "runs", "readOnly": True}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_gateway_scales_keeps_a_pod_and_reads_keys_from_a_secret(overlay):
     objs = rendered(overlay)
     gw = one(objs, "Deployment", "gateway")
@@ -287,17 +302,23 @@ def test_make_k8s_up_applies_the_stages_in_order_and_waits(overlay, train):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_gateway_settings_from_the_manifest_are_valid(overlay, tmp_path, monkeypatch):
-    """The gateway container's environment, as the kubelet builds it, is a valid Settings."""
+    """The gateway container's environment, as the kubelet builds it, is a valid Settings
+    (the files it names on mounted volumes replaced by local ones)."""
+    from tokenizers import Tokenizer, models
+
     from gateway.settings import Settings
 
     objs = rendered(overlay)
     env = env_values(objs, container(one(objs, "Deployment", "gateway")))
     keys = tmp_path / "keys"
     keys.write_text("sk-test-0123456789\n")
+    Tokenizer(models.BPE()).save(str(tmp_path / "tokenizer.json"))  # for /runs/merged
+    local = {"GATEWAY_API_KEYS_FILE": str(keys), "GATEWAY_TOKENIZER": str(tmp_path)}
     for name in [n for n in os.environ if n.startswith("GATEWAY_")]:
         monkeypatch.delenv(name)
     for name, value in env.items():
-        monkeypatch.setenv(name, str(keys) if name == "GATEWAY_API_KEYS_FILE" else value)
+        monkeypatch.setenv(name, local.get(name, value))
     settings = Settings()
     assert settings.upstreams_dns == env["GATEWAY_UPSTREAMS_DNS"]
     assert settings.port == int(env["GATEWAY_PORT"]) and settings.api_keys_file == keys
+    assert settings.tokenizer == tmp_path
