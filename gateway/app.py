@@ -40,8 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.gateway = gw
     _error_handlers(app)
-    # first: the router tries routes in order, and nearly every request is a chat request
-    app.router.routes.append(Route(CHAT_PATH, ChatCompletions(gw), methods=["POST"]))
+    # first (before the docs routes FastAPI adds itself): the router tries routes in order,
+    # and nearly every request is a chat request
+    app.router.routes.insert(0, Route(CHAT_PATH, ChatCompletions(gw), methods=["POST"]))
     _ops_routes(app, gw)
     _unknown_v1(app)
     app.add_middleware(RequireKey, auth=gw.auth, rejected=lambda err, t: _rejected(gw, err, t))
