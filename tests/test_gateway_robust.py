@@ -374,20 +374,6 @@ def test_models_the_upstream_does_not_list_are_labelled_other(gateway, stub_fact
     assert samples(text, "gateway_requests_total", model="other", status="200") == 4
 
 
-def test_a_cookie_an_upstream_sets_is_never_sent_with_another_request(gateway, stub_factory):
-    """One upstream session carries every client's requests: a cookie set in one answer
-    would otherwise go out with the next client's request."""
-    stub = stub_factory("ok", set_cookie="session=for-client-a; Path=/")
-    # by host name, as upstreams are named in compose and k8s (cookie jars ignore IP hosts)
-    gw = gateway(upstreams=f"http://localhost:{stub.port}/v1")
-    for stream in (False, True, False):
-        response = chat(gw, "stub-model", stream=stream)
-        assert response.status_code == 200
-        assert "set-cookie" not in response.headers  # nor is it passed on to the client
-    assert len(stub.chat_headers) == 3
-    assert [h for h in stub.chat_headers if "cookie" in h] == []
-
-
 # ---- 8. idle upstream connections expire ----------------------------------------------------
 
 
@@ -441,3 +427,20 @@ def test_200_concurrent_slow_streams_all_finish(gateway, standin_factory):
     assert all(text.rstrip().endswith("data: [DONE]") for _, text in results)
     assert 1.5 < elapsed < 14, elapsed  # slow streams, all at once
     assert samples(gw.metrics(), "gateway_requests_total", status="200") == 200
+
+
+# ---- 10. no cookie crosses from one client's request to another's -------------------------
+
+
+def test_a_cookie_an_upstream_sets_is_never_sent_with_another_request(gateway, stub_factory):
+    """One upstream session carries every client's requests: a cookie set in one answer
+    would otherwise go out with the next client's request."""
+    stub = stub_factory("ok", set_cookie="session=for-client-a; Path=/")
+    # by host name, as upstreams are named in compose and k8s (cookie jars ignore IP hosts)
+    gw = gateway(upstreams=f"http://localhost:{stub.port}/v1")
+    for stream in (False, True, False):
+        response = chat(gw, "stub-model", stream=stream)
+        assert response.status_code == 200
+        assert "set-cookie" not in response.headers  # nor is it passed on to the client
+    assert len(stub.chat_headers) == 3
+    assert [h for h in stub.chat_headers if "cookie" in h] == []
