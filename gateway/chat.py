@@ -20,11 +20,11 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.call import Call
+from gateway.flywheel import completion_text
 from gateway.modes import StreamShaper, resolve_mode, shape_completion, upstream_body
 from gateway.planned import PlannedStream, complete_planned
 from gateway.protocol import ChatCompletionRequest, GatewayError
 from gateway.relay import SSE_HEADERS, Relay
-from gateway.shadow import completion_text
 from gateway.state import Gateway
 from gateway.transport import Response as UpstreamResponse
 from gateway.upstreams import Lease

@@ -23,14 +23,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from distill_common.task import load_task
-from gateway.shadow import (
-    Flywheel,
-    Shadow,
-    ShadowSettings,
-    TeacherRef,
-    answer_text,
-    fields_of,
-)
+from gateway.flywheel import Flywheel, answer_text, fields_of
+from gateway.shadow import Shadow, ShadowSettings, TeacherRef
 from gateway.tasks import TaskRegistry
 from tests.conftest import ROOT, free_port
 
