@@ -3,7 +3,14 @@ gateway, (c) optionally another version of it (``--baseline``), (d) through the 
 rounds interleaved so all of them share the machine's state.
 
     python bench/gateway_overhead.py [--rounds 3] [--seconds 2] [--baseline HEAD~1]
-        [--install-litellm] [--json out.json]
+        [--install-litellm] [--json out.json] [--chunk-interval-ms MS]
+        [--upstream URL --model NAME]
+
+``--chunk-interval-ms`` paces the stub's stream chunks as a model does, so that each read carries
+one chunk and CPU per chunk includes the cost of a read. ``--upstream`` puts a running model
+server (vLLM serving the student, say) in the stub's place: the same figures, with the model's own
+answers and streams, show what a user would feel of the gateway. #15's goals are defined against
+the unpaced stub and are only checked there.
 
 The figures, as issue #15 defines them, each the median of the rounds (range beside it):
 
@@ -30,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +51,7 @@ LITELLM_VERSION = "1.108.7"
 MASTER_KEY = "sk-bench-master"
 MODEL = "student"
 CHUNKS = 200
+MAX_TOKENS = 256
 
 
 def free_port() -> int:
@@ -59,6 +68,7 @@ class Target:
     port: int
     key: str | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    model: str = MODEL
 
     def request(self, body: bytes) -> bytes:
         auth = f"Authorization: Bearer {self.key}\r\n" if self.key else ""
@@ -103,8 +113,13 @@ class Conn:
             self.writer.close()
 
 
-def body(stream: bool) -> bytes:
-    req = {"model": MODEL, "messages": [{"role": "user", "content": "标题：国足2比0取胜"}]}
+def body(stream: bool, model: str = MODEL) -> bytes:
+    """A chat request as the task's clients send it: the user message only."""
+    req = {
+        "model": model,
+        "messages": [{"role": "user", "content": "新闻分类:国足2比0取胜"}],
+        "max_tokens": MAX_TOKENS,  # a bound on a real model's answer; the stub ignores it
+    }
     if stream:
         req["stream"] = True
     return orjson.dumps(req)
@@ -115,7 +130,7 @@ async def one_in_flight(
 ) -> list[float]:
     """Latencies of back-to-back requests on one connection for ``seconds`` (``payload``:
     the request body; default the non-streamed chat request)."""
-    raw = target.request(payload or body(False))
+    raw = target.request(payload or body(False, target.model))
     conn = await Conn(target.port).open()
     latencies = []
     perf = time.perf_counter
@@ -132,7 +147,7 @@ async def one_in_flight(
 
 
 async def capacity(target: Target, seconds: float, in_flight: int = 64) -> float:
-    raw = target.request(body(False))
+    raw = target.request(body(False, target.model))
     conns = [await Conn(target.port).open() for _ in range(in_flight)]
     done = 0
     end = time.perf_counter() + seconds
@@ -154,7 +169,7 @@ async def capacity(target: Target, seconds: float, in_flight: int = 64) -> float
 
 async def streams(target: Target, seconds: float, in_flight: int = 16) -> tuple[list[float], int]:
     """Durations of whole 200-chunk streams, and the number of SSE events received."""
-    raw = target.request(body(True))
+    raw = target.request(body(True, target.model))
     conns = [await Conn(target.port).open() for _ in range(in_flight)]
     durations: list[float] = []
     events = 0
@@ -215,17 +230,17 @@ def install_litellm() -> None:
     subprocess.run([str(pip), "install", "-q", f"litellm[proxy]=={LITELLM_VERSION}"], check=True)
 
 
-def start_litellm(stub_port: int, tmp: Path) -> tuple[Target | None, str]:
+def start_litellm(upstream: str, model: str, tmp: Path) -> tuple[Target | None, str]:
     exe = LITELLM_VENV / "bin" / "litellm"
     if not exe.exists():
         return None, f"{exe} not found (run with --install-litellm)"
     config = tmp / "litellm.yaml"
     config.write_text(
         "model_list:\n"
-        f"  - model_name: {MODEL}\n"
+        f"  - model_name: {model}\n"
         "    litellm_params:\n"
-        f"      model: openai/{MODEL}\n"
-        f"      api_base: http://127.0.0.1:{stub_port}/v1\n"
+        f"      model: openai/{model}\n"
+        f"      api_base: {upstream}\n"
         "      api_key: none\n"
     )
     port = free_port()
@@ -243,7 +258,7 @@ def start_litellm(stub_port: int, tmp: Path) -> tuple[Target | None, str]:
         proc.kill()
         tail = (tmp / "litellm.log").read_text(errors="replace")[-800:]
         return None, f"LiteLLM did not start: {e}\n{tail}"
-    return Target("litellm", port, MASTER_KEY, proc), ""
+    return Target("litellm", port, MASTER_KEY, proc, model), ""
 
 
 def baseline_tree(spec: str, tmp: Path) -> Path:
@@ -282,6 +297,34 @@ async def run(targets: list[Target], rounds: int, seconds: float) -> dict[str, d
     return results
 
 
+def loopback_port(url: str) -> int:
+    """The port of a model server's ``http://127.0.0.1:PORT/v1`` (the load client is local)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.hostname not in ("127.0.0.1", "localhost") or parsed.path.rstrip("/") != "/v1":
+        raise SystemExit(f"--upstream: expected http://127.0.0.1:PORT/v1, got {url}")
+    return parsed.port or 80
+
+
+def start_gateway(
+    name: str, upstream: str, tmp: Path, tree: Path | None = None
+) -> tuple[Target, subprocess.Popen]:
+    """``python -m gateway`` (the image's entry point) in front of ``upstream``; ``tree``: run
+    another version's packages first on the path."""
+    port = free_port()
+    env = {
+        "GATEWAY_UPSTREAMS": upstream,
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_API_KEYS": "sk-bench",
+        "GATEWAY_ACCESS_LOG": str(tmp / f"access-{name}.jsonl"),
+    }
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), str(ROOT)])
+    proc = start([sys.executable, "-m", "gateway"], env, tmp / f"{name}.log", cwd=tree or ROOT)
+    wait_up(f"http://127.0.0.1:{port}/health", proc, 30)
+    return Target(name, port, "sk-bench", proc), proc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -295,6 +338,17 @@ def main() -> None:
         help="another version of the gateway, run too as `baseline` for an A/B in the same "
         "run: a directory holding its `gateway` package, or a git ref (e.g. HEAD~1)",
     )
+    parser.add_argument(
+        "--upstream",
+        help="a running model server, http://127.0.0.1:PORT/v1, in place of the stub",
+    )
+    parser.add_argument("--model", default=MODEL, help="the model name to ask for")
+    parser.add_argument(
+        "--chunk-interval-ms",
+        type=float,
+        default=0.0,
+        help="the stub's pause between stream chunks (a model's pace: one chunk per read)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures (raw and summarised) here")
     parser.add_argument(
         "--png", type=Path, default=ROOT / "runs" / "bench" / "gateway_overhead.png"
@@ -306,54 +360,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp_name:
         tmp = Path(tmp_name)
         try:
-            stub_port = free_port()
-            stub = start(
-                [sys.executable, "bench/stub_upstream.py", "--port", str(stub_port)],
-                {},
-                tmp / "stub.log",
-            )
-            procs.append(stub)
-            gw_port = free_port()
-            gw_env = {
-                "GATEWAY_UPSTREAMS": f"http://127.0.0.1:{stub_port}/v1",
-                "GATEWAY_PORT": str(gw_port),
-                "GATEWAY_HOST": "127.0.0.1",
-                "GATEWAY_API_KEYS": "sk-bench",
-                "GATEWAY_ACCESS_LOG": str(tmp / "access.jsonl"),
-            }
-            gw = start([sys.executable, "-m", "gateway"], gw_env, tmp / "gateway.log")
-            procs.append(gw)
-            wait_up(f"http://127.0.0.1:{stub_port}/health", stub, 30)
-            wait_up(f"http://127.0.0.1:{gw_port}/health", gw, 30)
-            targets = [Target("direct", stub_port), Target("gateway", gw_port, "sk-bench", gw)]
-            if args.baseline is not None:
-                base_port = free_port()
-                base_env = {**gw_env, "GATEWAY_PORT": str(base_port)}
-                baseline = baseline_tree(args.baseline, tmp)  # its packages first
-                base_env["PYTHONPATH"] = os.pathsep.join([str(baseline), str(ROOT)])
-                base_env["GATEWAY_ACCESS_LOG"] = str(tmp / "access-baseline.jsonl")
-                argv = [sys.executable, "-m", "gateway"]
-                base = start(argv, base_env, tmp / "baseline.log", cwd=baseline)
-                procs.append(base)
-                wait_up(f"http://127.0.0.1:{base_port}/health", base, 30)
-                targets.append(Target("baseline", base_port, "sk-bench", base))
+            if args.upstream is None:
+                port = free_port()
+                argv = [sys.executable, "bench/stub_upstream.py", "--port", str(port)]
+                argv += ["--interval-ms", str(args.chunk_interval_ms)]
+                procs.append(stub := start(argv, {}, tmp / "stub.log"))
+                upstream = f"http://127.0.0.1:{port}/v1"
+                wait_up(f"http://127.0.0.1:{port}/health", stub, 30)
+            else:
+                upstream, port = args.upstream.rstrip("/"), loopback_port(args.upstream)
+            targets = [Target("direct", port)]
+            for name, tree in [("gateway", None)] + (
+                [("baseline", baseline_tree(args.baseline, tmp))] if args.baseline else []
+            ):
+                target, proc = start_gateway(name, upstream, tmp, tree)
+                procs.append(proc)
+                targets.append(target)
             skipped = "--no-litellm" if args.no_litellm else ""
             if not args.no_litellm:
                 if args.install_litellm and not (LITELLM_VENV / "bin" / "litellm").exists():
                     install_litellm()
-                litellm, skipped = start_litellm(stub_port, tmp)
+                litellm, skipped = start_litellm(upstream, args.model, tmp)
                 if litellm is not None:
                     procs.append(litellm.proc)
                     targets.append(litellm)
+            for target in targets:
+                target.model = args.model
+            where = f"stub, {CHUNKS}-chunk streams, {args.chunk_interval_ms:g} ms apart"
+            if args.upstream:
+                where = f"{upstream} ({args.model})"
             print(
-                f"stub upstream, gateway{', LiteLLM ' + LITELLM_VERSION if not skipped else ''}"
+                f"{where}, gateway{', LiteLLM ' + LITELLM_VERSION if not skipped else ''}"
                 f": {args.rounds} interleaved rounds of {args.seconds:g} s per figure",
                 file=sys.stderr,
             )
             results = uvloop.run(run(targets, args.rounds, args.seconds))
             summary = summarise(results)
-            report(summary, skipped)
-            plot(summary, args.png)
+            report(summary, skipped, goals=args.upstream is None and not args.chunk_interval_ms)
+            plot(summary, args.png, where)
             if args.json is not None:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_bytes(

@@ -1,13 +1,15 @@
 """A fast stub OpenAI upstream for benchmarks: canned answers, raw ASGI, no framework.
 
-``python bench/stub_upstream.py --port P [--chunks 200]``. Non-streamed requests get one canned
-completion; streamed ones get ``--chunks`` content chunks (one ASGI send each, as vLLM sends
-one per token), then usage (when asked) and ``[DONE]``.
+``python bench/stub_upstream.py --port P [--chunks 200] [--interval-ms 0]``. Non-streamed
+requests get one canned completion; streamed ones get ``--chunks`` content chunks (one ASGI send
+each, as vLLM sends one per token; ``--interval-ms`` apart, as a model paces them, else as fast
+as they go), then usage (when asked) and ``[DONE]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
 
 import orjson
@@ -55,7 +57,8 @@ def _events(chunks: int, usage: bool) -> list[bytes]:
 
 
 class Stub:
-    def __init__(self, chunks: int) -> None:
+    def __init__(self, chunks: int, interval: float = 0.0) -> None:
+        self.interval = interval  # seconds between stream chunks: a model's pace
         self.completion = _completion()
         self.stream_plain = _events(chunks, usage=False)
         self.stream_usage = _events(chunks, usage=True)
@@ -90,6 +93,8 @@ class Stub:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
         for event in events:
             await send({"type": "http.response.body", "body": event, "more_body": True})
+            if self.interval:
+                await asyncio.sleep(self.interval)
         await send({"type": "http.response.body", "body": b""})
 
     @staticmethod
@@ -105,9 +110,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--chunks", type=int, default=200)
+    parser.add_argument(
+        "--interval-ms", type=float, default=0.0, help="pause between stream chunks"
+    )
     args = parser.parse_args()
     uvicorn.run(
-        Stub(args.chunks),
+        Stub(args.chunks, args.interval_ms / 1e3),
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",

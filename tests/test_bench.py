@@ -63,6 +63,18 @@ def test_gateway_overhead_runs_against_a_baseline_ref():
 
 
 @pytest.mark.slow
+def test_gateway_overhead_runs_in_front_of_a_real_model_server(vllm_server):
+    out = _run(
+        "bench/gateway_overhead.py", "--rounds", "1", "--seconds", "0.3", "--no-litellm",
+        "--upstream", vllm_server.base_url, "--model", vllm_server.model, "--png", "/dev/null",
+    )  # fmt: skip
+    rps = re.search(r"^64 in flight \(req/s\)\s+(\d+) .*?(\d+)\s*$", out, re.M)
+    assert rps and int(rps.group(1)) > 0 and int(rps.group(2)) > 0, out
+    assert re.search(r"^CPU per relayed chunk \(us\)\s+n/a\s+[\d.]+", out, re.M), out
+    assert "goals (issue #15)" not in out  # they are defined against the stub
+
+
+@pytest.mark.slow
 def test_gateway_soak_runs_small_without_errors():
     out = _run(
         "bench/gateway_soak.py", "--rate", "50", "--seconds", "3", "--warmup", "1",
