@@ -168,7 +168,7 @@ async def capacity(target: Target, seconds: float, in_flight: int = 64) -> float
 
 
 async def streams(target: Target, seconds: float, in_flight: int = 16) -> tuple[list[float], int]:
-    """Durations of whole 200-chunk streams, and the number of SSE events received."""
+    """Durations of whole streams, and the number of SSE events received."""
     raw = target.request(body(True, target.model))
     conns = [await Conn(target.port).open() for _ in range(in_flight)]
     durations: list[float] = []
