@@ -17,6 +17,7 @@ import orjson
 
 from distill_common.task import Task
 from distill_common.think import join_reasoning
+from gateway.sse import SSEDecoder
 
 
 def fields_of(task: Task, user_text: str) -> dict[str, str] | None:
@@ -69,11 +70,11 @@ def completion_text(completion: dict[str, Any]) -> str:
 def stream_text(body: bytes) -> str:
     """The student's text from the raw upstream SSE bytes of one streamed reply (choice 0)."""
     parts: dict[str, list[str]] = {"content": [], "reasoning_content": [], "reasoning": []}
-    for line in body.replace(b"\r\n", b"\n").split(b"\n"):
-        if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+    for payload in SSEDecoder().feed(body):
+        if payload.strip() == b"[DONE]":
             continue
         try:
-            chunk = orjson.loads(line[5:])
+            chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
             continue
         for choice in chunk.get("choices") or ():
