@@ -306,7 +306,7 @@ def loopback_port(url: str) -> int:
 
 
 def start_gateway(
-    name: str, upstream: str, tmp: Path, tree: Path | None = None
+    name: str, upstream: str, model: str, tmp: Path, tree: Path | None = None
 ) -> tuple[Target, subprocess.Popen]:
     """``python -m gateway`` (the image's entry point) in front of ``upstream``; ``tree``: run
     another version's packages first on the path."""
@@ -322,7 +322,7 @@ def start_gateway(
         env["PYTHONPATH"] = os.pathsep.join([str(tree), str(ROOT)])
     proc = start([sys.executable, "-m", "gateway"], env, tmp / f"{name}.log", cwd=tree or ROOT)
     wait_up(f"http://127.0.0.1:{port}/health", proc, 30)
-    return Target(name, port, "sk-bench", proc), proc
+    return Target(name, port, "sk-bench", proc, model), proc
 
 
 def main() -> None:
@@ -369,11 +369,11 @@ def main() -> None:
                 wait_up(f"http://127.0.0.1:{port}/health", stub, 30)
             else:
                 upstream, port = args.upstream.rstrip("/"), loopback_port(args.upstream)
-            targets = [Target("direct", port)]
+            targets = [Target("direct", port, model=args.model)]
             for name, tree in [("gateway", None)] + (
                 [("baseline", baseline_tree(args.baseline, tmp))] if args.baseline else []
             ):
-                target, proc = start_gateway(name, upstream, tmp, tree)
+                target, proc = start_gateway(name, upstream, args.model, tmp, tree)
                 procs.append(proc)
                 targets.append(target)
             skipped = "--no-litellm" if args.no_litellm else ""
@@ -384,8 +384,6 @@ def main() -> None:
                 if litellm is not None:
                     procs.append(litellm.proc)
                     targets.append(litellm)
-            for target in targets:
-                target.model = args.model
             where = f"stub, {CHUNKS}-chunk streams, {args.chunk_interval_ms:g} ms apart"
             if args.upstream:
                 where = f"{upstream} ({args.model})"
